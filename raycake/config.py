@@ -1,0 +1,355 @@
+"""One tree of frozen config dataclasses, validated on construction and passed down explicitly.
+
+Each component receives only its own config: the scheduler a ``SchedulerConfig`` and a
+``CacheConfig``, the model a ``ModelConfig``. ``EngineConfig`` composes them at the top.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+def _positive_int(field_name: str, value: Any) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        field_name,
+        "a positive integer",
+        value,
+    )
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling of RoPE (``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        _require(self.factor >= 1.0, "rope_scaling.factor", ">= 1.0", self.factor)
+        _require(
+            self.high_freq_factor > self.low_freq_factor,
+            "rope_scaling.high_freq_factor",
+            f"> low_freq_factor ({self.low_freq_factor})",
+            self.high_freq_factor,
+        )
+        _positive_int(
+            "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-architecture model, read from a Hugging Face ``config.json``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            _positive_int(name, getattr(self, name))
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"a divisor of num_attention_heads ({self.num_attention_heads})",
+            self.num_key_value_heads,
+        )
+        _require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
+        _require(
+            self.architecture in SUPPORTED_ARCHITECTURES,
+            "architectures",
+            f"one of {SUPPORTED_ARCHITECTURES}",
+            self.architecture,
+        )
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x layouts)."""
+        architectures = hf.get("architectures") or []
+        _require(
+            isinstance(architectures, list) and len(architectures) == 1,
+            "architectures",
+            "a list with one architecture name",
+            architectures,
+        )
+        missing = [
+            key
+            for key in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if key not in hf
+        ]
+        if missing:
+            raise ValueError(f"config.json: missing required field(s) {missing}")
+        # transformers 5 nests rope settings in `rope_parameters`; 4.x uses rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        rope_scaling = None
+        if rope_type == "llama3":
+            rope_scaling = RopeScaling(
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling["low_freq_factor"]),
+                high_freq_factor=float(scaling["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            )
+        elif rope_type != "default":
+            raise ValueError(
+                f"config.json rope_scaling.rope_type: expected 'default' or 'llama3', got {rope_type!r}"
+            )
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        num_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=architectures[0],
+        )
+
+    def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
+        """The ``config.json`` that transformers loads as ``LlamaForCausalLM``."""
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        eos: int | list[int] | None = list(self.eos_token_ids) or None
+        if eos is not None and len(eos) == 1:
+            eos = eos[0]
+        return {
+            "architectures": [self.architecture],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": dtype,
+        }
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: how many blocks of how many tokens, and prefix caching."""
+
+    block_size: int = 16
+    # None: size the pool from kv_cache_memory_bytes.
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    enable_prefix_caching: bool = True
+    eviction_policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        _positive_int("cache.block_size", self.block_size)
+        if self.num_blocks is not None:
+            _positive_int("cache.num_blocks", self.num_blocks)
+        _positive_int("cache.kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits per engine step."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    # None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # A single prefill chunk never exceeds this many tokens, so decodes keep flowing.
+    max_prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        _positive_int("scheduler.max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("scheduler.max_num_seqs", self.max_num_seqs)
+        _positive_int("scheduler.max_prefill_chunk", self.max_prefill_chunk)
+        if self.max_model_len is not None:
+            _positive_int("scheduler.max_model_len", self.max_model_len)
+        _require(
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            "scheduler.max_num_batched_tokens",
+            f">= max_num_seqs ({self.max_num_seqs}) so every running sequence can decode",
+            self.max_num_batched_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one serving instance needs; ``model`` is a checkpoint folder or ``"default"``."""
+
+    model: str = "default"
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.model, str) and self.model != "", "model", "a path or 'default'", self.model
+        )
+        _require(self.dtype in SUPPORTED_DTYPES, "dtype", f"one of {SUPPORTED_DTYPES}", self.dtype)
+        _require(isinstance(self.seed, int), "seed", "an integer", self.seed)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        """Build from a plain dict (parsed JSON or YAML); unknown keys are an error."""
+        data = dict(data)
+        nested = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"engine config: unknown field(s) {unknown}; expected {sorted(known)}")
+        for key, value in data.items():
+            if key in nested:
+                sub_known = {f.name for f in fields(nested[key])}
+                sub_unknown = sorted(set(value) - sub_known)
+                if sub_unknown:
+                    raise ValueError(f"engine config: unknown field(s) {key}.{sub_unknown}")
+                kwargs[key] = nested[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EngineConfig:
+        """Load from a ``.json`` or ``.yaml`` file."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``raycake train``: the embedded default model, trained from scratch on the stdlib corpus."""
+
+    out_dir: str
+    seed: int = 0
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 3000
+    learning_rate: float = 2e-3
+    min_learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    eval_every: int = 250
+    eval_batches: int = 16
+    held_out_percent: int = 2
+    save_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_batches",
+        ):
+            _positive_int(f"train.{name}", getattr(self, name))
+        _require(self.vocab_size >= 259, "train.vocab_size", ">= 259 (256 bytes + specials)", self.vocab_size)
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "train.hidden_size",
+            f"a multiple of num_attention_heads ({self.num_attention_heads})",
+            self.hidden_size,
+        )
+        _require(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
+        _require(self.save_dtype in SUPPORTED_DTYPES, "train.save_dtype", str(SUPPORTED_DTYPES), self.save_dtype)

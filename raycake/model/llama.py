@@ -1,0 +1,151 @@
+"""Llama 3 in plain torch: one forward over a flattened batch that reads and writes a paged KV cache.
+
+Legend: T tokens in the step (or B x S when training without a cache), E hidden size,
+H query heads, K kv heads, Dh head dim, V vocabulary.
+
+Parameter names follow Hugging Face's ``LlamaForCausalLM`` except two fused projections
+(``qkv_proj`` = q|k|v, ``gate_up_proj`` = gate|up), which the loader assembles from the
+checkpoint's separate tensors: one matmul instead of three (two) per layer per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raycake.config import ModelConfig
+from raycake.model.attention import AttentionMetadata, dense_causal_attention, paged_attention
+from raycake.model.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: normalise in fp32 and cast back before the weight, exactly as transformers does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata | None,
+        kv_cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]  # (T,) or (B, S)
+        qkv = self.qkv_proj(x)  # [..., (H + 2K) * Dh]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(*lead, self.num_heads, self.head_dim), cos, sin)  # [..., H, Dh]
+        k = apply_rotary(k.view(*lead, self.num_kv_heads, self.head_dim), cos, sin)  # [..., K, Dh]
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)  # [..., K, Dh]
+        if meta is None:
+            out = dense_causal_attention(q, k, v, self.scale)
+        else:
+            assert kv_cache is not None, "a paged step needs this layer's KV cache"
+            out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(*lead, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        )
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata | None,
+        kv_cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata | None = None,
+        kv_caches: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [..., E]
+        cos, sin = self.rotary_emb(positions, x.dtype)  # [..., Dh]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The served model. ``forward`` returns final hidden states; ``compute_logits`` projects them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata | None = None,
+        kv_caches: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] with ``meta`` (paged), or [B, S] without (dense causal)."""
+        return self.model(input_ids, positions, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # [..., E] -> [..., V], always fp32 so sampling is stable in every weight dtype.
+        return self.lm_head(hidden).float()

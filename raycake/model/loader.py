@@ -1,0 +1,173 @@
+"""Hugging Face checkpoint folders, as they are: config.json + one or many safetensors files.
+
+Loading maps each checkpoint tensor onto raycake's parameters (fusing q/k/v and gate/up) and
+checks every shape; saving writes the inverse, so transformers loads what raycake saves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from raycake.config import ModelConfig
+from raycake.model.llama import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# checkpoint projection -> (raycake fused parameter, shard index within it)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# Buffers some older checkpoints carry; recomputed here, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file or tensor."""
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config.json not found in the checkpoint folder")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the index's shards, or the lone ``*.safetensors``."""
+    model_dir = Path(model_dir)
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no 'weight_map'")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: names shard {file.name}, which is missing")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+    return files
+
+
+def _target(name: str, config: ModelConfig) -> tuple[str, int | None]:
+    """raycake parameter name and fused-shard index for a checkpoint tensor name."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in _FUSED:
+        fused, shard = _FUSED[parts[-2]]
+        return ".".join([*parts[:-2], fused, parts[-1]]), shard
+    return name, None
+
+
+def _shard_slices(config: ModelConfig, fused: str) -> list[tuple[int, int]]:
+    if fused == "qkv_proj":
+        sizes = [config.q_size, config.kv_size, config.kv_size]
+    else:
+        sizes = [config.intermediate_size, config.intermediate_size]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return list(zip(offsets, sizes, strict=True))
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
+    """Copy every checkpoint tensor into ``model``; fail on unknown, missing or misshapen tensors."""
+    config = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: dict[str, set[int | None]] = {name: set() for name in params}
+    for file in checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt") as reader:
+            for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                target, shard = _target(name, config)
+                if target not in params:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name!r} has no place in {config.architecture}"
+                    )
+                param = params[target]
+                tensor = reader.get_tensor(name)
+                dest = param.data
+                if shard is not None:
+                    start, size = _shard_slices(config, target.split(".")[-2])[shard]
+                    dest = dest.narrow(0, start, size)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(dest.shape)} from config.json"
+                    )
+                dest.copy_(tensor)
+                filled[target].add(shard)
+    if config.tie_word_embeddings:
+        filled["lm_head.weight"] = filled["model.embed_tokens.weight"]
+    missing = []
+    for name, shards in filled.items():
+        expected_shards = 1
+        if name.split(".")[-2] in ("qkv_proj", "gate_up_proj"):
+            expected_shards = len(_shard_slices(config, name.split(".")[-2]))
+        if len(shards) != expected_shards:
+            missing.append(name)
+    if missing:
+        raise CheckpointError(f"{model_dir}: checkpoint lacks tensors for {missing[:8]}")
+
+
+def load_model(
+    model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> LlamaForCausalLM:
+    """Build the model described by ``config.json`` and fill it from the safetensors files."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    config = read_model_config(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    load_weights(model, model_dir)
+    return model.to(DTYPES[dtype]).eval()
+
+
+def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (fused projections split back)."""
+    config = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        parts = name.split(".")
+        fused = parts[-2] if len(parts) >= 2 else ""
+        if fused in ("qkv_proj", "gate_up_proj"):
+            names = ["q_proj", "k_proj", "v_proj"] if fused == "qkv_proj" else ["gate_proj", "up_proj"]
+            for proj, (start, size) in zip(names, _shard_slices(config, fused), strict=True):
+                key = ".".join([*parts[:-2], proj, parts[-1]])
+                out[key] = tensor.narrow(0, start, size).contiguous()
+        else:
+            out[name] = tensor.contiguous()
+    return out
+
+
+def save_checkpoint(model: LlamaForCausalLM, out_dir: str | Path, dtype: str = "float32") -> None:
+    """Write ``config.json`` + ``model.safetensors`` that transformers and raycake both load."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in hf_state_dict(model).items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_hf_config(dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,211 @@
+"""Train the embedded default model: BPE on the stdlib, then a small Llama 3 from scratch.
+
+Writes a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json) plus ``train_report.json`` and ``loss_curve.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from raycake.config import ModelConfig, TrainConfig
+from raycake.model.llama import LlamaForCausalLM
+from raycake.model.loader import save_checkpoint
+from raycake.training.bpe import BOS, EOS, save_tokenizer, train_bpe
+from raycake.training.corpus import read_texts, split_corpus
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    num_parameters: int
+    train_tokens: int
+    held_out_tokens: int
+    tokens_seen: int
+    held_out_loss: float
+    held_out_perplexity: float
+    unigram_loss: float
+    unigram_perplexity: float
+    seconds: float
+
+
+def encode_corpus(tokenizer, texts: list[str]) -> np.ndarray:
+    """All texts as one token stream, each file followed by EOS."""
+    eos = tokenizer.token_to_id(EOS)
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    pieces = []
+    for enc in encodings:
+        pieces.append(np.asarray(enc.ids, dtype=np.int32))
+        pieces.append(np.asarray([eos], dtype=np.int32))
+    return np.concatenate(pieces)
+
+
+def unigram_cross_entropy(train: np.ndarray, held_out: np.ndarray, vocab_size: int) -> float:
+    """Held-out cross-entropy (nats/token) of add-one-smoothed unigram frequencies of the train set."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[held_out].mean())
+
+
+def model_config_for(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.token_to_id(BOS),
+        eos_token_ids=(tokenizer.token_to_id(EOS),),
+    )
+
+
+def init_weights(model: LlamaForCausalLM, num_layers: int) -> None:
+    """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 x layers)."""
+    for name, param in model.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            torch.nn.init.ones_(param)
+        elif name.endswith(".bias"):
+            torch.nn.init.zeros_(param)
+        else:
+            std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            torch.nn.init.normal_(param, std=std)
+
+
+def _batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    data = torch.from_numpy(windows)
+    return data[:, :-1], data[:, 1:]
+
+
+def evaluate(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, max_windows: int) -> float:
+    """Mean next-token loss over consecutive non-overlapping windows of ``tokens``."""
+    num_windows = min(max_windows, (len(tokens) - 1) // seq_len)
+    if num_windows == 0:
+        raise ValueError(f"held-out set has {len(tokens)} tokens, fewer than one window of {seq_len}")
+    starts = np.arange(num_windows) * seq_len
+    positions = torch.arange(seq_len)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, num_windows, 16):
+            x, y = _batch(tokens, starts[i : i + 16], seq_len)
+            logits = model.compute_logits(model(x, positions.expand_as(x)))
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    model.train()
+    return total / count
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_learning_rate + (cfg.learning_rate - cfg.min_learning_rate) * cosine
+
+
+def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history if "train_loss" in h]
+    ax.plot(steps, [h["train_loss"] for h in history if "train_loss" in h], label="train", alpha=0.6)
+    evals = [h for h in history if "held_out_loss" in h]
+    ax.plot([h["step"] for h in evals], [h["held_out_loss"] for h in evals], "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("raycake default model: stdlib corpus")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig) -> TrainReport:
+    """Run the whole pipeline and write the checkpoint folder ``cfg.out_dir``."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    split = split_corpus(held_out_percent=cfg.held_out_percent)
+    train_texts = list(read_texts(split.train))
+    held_texts = list(read_texts(split.held_out))
+    tokenizer = train_bpe(train_texts, cfg.vocab_size)
+    train_tokens = encode_corpus(tokenizer, train_texts)
+    held_tokens = encode_corpus(tokenizer, held_texts)
+
+    model_config = model_config_for(cfg, tokenizer)
+    model = LlamaForCausalLM(model_config)
+    init_weights(model, cfg.num_hidden_layers)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    positions = torch.arange(cfg.seq_len).expand(cfg.batch_size, cfg.seq_len)
+    history: list[dict[str, float]] = []
+    model.train()
+    progress = tqdm(range(cfg.steps), desc="train", unit="step")
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        starts = rng.integers(0, len(train_tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+        x, y = _batch(train_tokens, starts, cfg.seq_len)
+        logits = model.compute_logits(model(x, positions))
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append({"step": step, "train_loss": loss.item()})
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            held = evaluate(model, held_tokens, cfg.seq_len, cfg.eval_batches * 16)
+            history.append({"step": step, "held_out_loss": held})
+            progress.set_postfix(loss=f"{loss.item():.3f}", held_out=f"{held:.3f}")
+
+    save_checkpoint(model, out_dir, dtype=cfg.save_dtype)
+    save_tokenizer(tokenizer, out_dir)
+    # Report on the weights as shipped (after the cast to save_dtype), over the whole held-out set.
+    from raycake.model.loader import load_model
+
+    shipped = load_model(out_dir, dtype="float32")
+    held_out_loss = evaluate(shipped, held_tokens, cfg.seq_len, max_windows=1 << 30)
+    unigram = unigram_cross_entropy(train_tokens, held_tokens, cfg.vocab_size)
+    report = TrainReport(
+        num_parameters=num_parameters,
+        train_tokens=len(train_tokens),
+        held_out_tokens=len(held_tokens),
+        tokens_seen=cfg.steps * cfg.batch_size * cfg.seq_len,
+        held_out_loss=held_out_loss,
+        held_out_perplexity=math.exp(held_out_loss),
+        unigram_loss=unigram,
+        unigram_perplexity=math.exp(unigram),
+        seconds=time.perf_counter() - started,
+    )
+    (out_dir / "train_report.json").write_text(
+        json.dumps({"config": asdict(cfg), "report": asdict(report), "history": history}, indent=1)
+        + "\n"
+    )
+    plot_losses(history, out_dir / "loss_curve.png")
+    return report
