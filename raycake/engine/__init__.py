@@ -1,0 +1,1 @@
+"""One serving instance without Ray."""

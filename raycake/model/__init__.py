@@ -1,0 +1,1 @@
+"""Plain torch modules and checkpoint formats."""

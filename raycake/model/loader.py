@@ -171,3 +171,24 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | Path, dtype: str = "
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_hf_config(dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """``"default"`` names the embedded model; anything else is a checkpoint folder."""
+    from raycake.assets import DEFAULT_MODEL_NAME, default_model_dir
+
+    if str(model) == DEFAULT_MODEL_NAME:
+        path = default_model_dir()
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"{path}: the embedded default model is missing from this install; "
+                "rebuild it with `raycake train --out-dir raycake/assets/default_model`"
+            )
+        return path
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"model: {str(model)!r} is neither 'default' nor an existing checkpoint folder "
+            "(raycake loads local Hugging Face folders; nothing is downloaded)"
+        )
+    return path

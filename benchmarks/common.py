@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmark scripts: held-out prompts, timing, result tables."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def held_out_prompts(tokenizer, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
+    """Prompts of exactly ``prompt_tokens`` tokens from held-out stdlib files (never trained on)."""
+    from raycake.training.corpus import read_texts, split_corpus
+
+    prompts: list[list[int]] = []
+    for text in read_texts(split_corpus().held_out):
+        ids = tokenizer.encode(text)
+        for start in range(0, len(ids) - prompt_tokens, prompt_tokens * 4):
+            prompts.append(ids[start : start + prompt_tokens])
+            if len(prompts) == num_prompts:
+                return prompts
+    raise RuntimeError(f"held-out corpus yields only {len(prompts)} prompts of {prompt_tokens} tokens")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_table(rows: list[dict], name: str) -> Path:
+    """Save rows as Parquet and CSV under benchmarks/results/; return the Parquet path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    path = RESULTS_DIR / f"{name}.parquet"
+    pq.write_table(table, path)
+    pa_csv.write_csv(table, RESULTS_DIR / f"{name}.csv")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in columns))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)

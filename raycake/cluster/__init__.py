@@ -1,0 +1,1 @@
+"""Cluster assembly from ClusterConfig, and the trace-driven simulator."""

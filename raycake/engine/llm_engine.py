@@ -1,0 +1,181 @@
+"""One serving instance without Ray: tokenizer, scheduler, runner and output processing."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raycake.config import EngineConfig
+from raycake.engine.outputs import SchedulerStats
+from raycake.engine.request import Request, RequestStatus
+from raycake.engine.request_output import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    StreamDelta,
+)
+from raycake.engine.runner import ModelRunner, num_blocks_for
+from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.scheduler import Scheduler
+from raycake.model.loader import DTYPES, load_model, resolve_model_path
+from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+
+@dataclass
+class _TrackedRequest:
+    """Output-side state of a request: text so far, stop-string matching, timing."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher | None
+    metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    streamed_chars: int = 0  # how much of ``text`` has been sent as deltas
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+
+class LLMEngine:
+    """Continuous batching over one model. ``step()`` runs one scheduler/runner round."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = resolve_model_path(config.model)
+        self.model_dir = model_dir
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.model = load_model(model_dir, dtype=config.dtype, device=config.device)
+        model_config = self.model.config
+        self.model_config = model_config
+        self.max_model_len = min(
+            config.scheduler.max_model_len or model_config.max_position_embeddings,
+            model_config.max_position_embeddings,
+        )
+        num_blocks = num_blocks_for(model_config, config.cache, DTYPES[config.dtype])
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        self.runner = ModelRunner(self.model, config.cache.block_size, num_blocks, seed=config.seed)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) or model_config.eos_token_ids
+        self._tracked: dict[str, _TrackedRequest] = {}
+        self._finished: dict[str, RequestOutput] = {}
+        self._ids = itertools.count()
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text, or token ids); returns its request id."""
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            text, token_ids = None, list(prompt)
+        else:
+            raise TypeError("prompt: expected a string or a list of token ids")
+        if not token_ids:
+            raise ValueError("prompt: encodes to no tokens")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        self.scheduler.add_request(request)  # raises RequestRejected for a prompt that can never fit
+        self._tracked[request_id] = _TrackedRequest(
+            prompt=text,
+            prompt_token_ids=token_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
+            stop_matcher=StopStringMatcher(params.stop) if params.stop else None,
+            metrics=RequestMetrics(arrival_time=request.arrival_time),
+        )
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self._tracked:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+            self._finish(request_id, "abort", time.monotonic())
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def is_unfinished(self, request_id: str) -> bool:
+        return request_id in self._tracked
+
+    def step(self) -> list[StreamDelta]:
+        """Run one step; return what each affected request produced."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        now = time.monotonic()
+        deltas = []
+        for update in updates:
+            tracked = self._tracked.get(update.request_id)
+            if tracked is None:
+                continue
+            tracked.num_cached_tokens = update.num_cached_tokens
+            finish_reason = update.finish_reason
+            if update.new_token_ids:
+                if tracked.metrics.first_token_time is None:
+                    tracked.metrics.first_token_time = now
+                tracked.metrics.token_times.extend([now] * len(update.new_token_ids))
+                tracked.token_ids.extend(update.new_token_ids)
+                tracked.detokenizer.add_tokens(update.new_token_ids)
+                tracked.text = tracked.detokenizer.output_text
+                if tracked.stop_matcher is not None and finish_reason is None:
+                    truncated = tracked.stop_matcher.find(tracked.text)
+                    if truncated is not None:
+                        tracked.text = truncated
+                        finish_reason = "stop"
+                        self.scheduler.finish_requests(
+                            [update.request_id], RequestStatus.FINISHED_STOPPED
+                        )
+            deltas.append(self._delta(update.request_id, tracked, update.new_token_ids, finish_reason))
+            if finish_reason is not None:
+                self._finish(update.request_id, finish_reason, now)
+        return deltas
+
+    def _delta(
+        self, request_id: str, tracked: _TrackedRequest, new_ids: list[int], finish_reason: str | None
+    ) -> StreamDelta:
+        # While running, hold back text that could still turn out to begin a stop string.
+        visible = len(tracked.text)
+        if finish_reason is None and tracked.stop_matcher is not None:
+            visible -= tracked.stop_matcher.holdback(tracked.text)
+        visible = max(visible, tracked.streamed_chars)
+        text = tracked.text[tracked.streamed_chars : visible]
+        tracked.streamed_chars = visible
+        return StreamDelta(request_id, text, list(new_ids), finish_reason is not None, finish_reason)
+
+    def _finish(self, request_id: str, finish_reason: str, now: float) -> None:
+        tracked = self._tracked.pop(request_id)
+        tracked.finish_reason = finish_reason
+        tracked.metrics.finished_time = now
+        self._finished[request_id] = RequestOutput(
+            request_id=request_id,
+            prompt=tracked.prompt,
+            prompt_token_ids=tracked.prompt_token_ids,
+            outputs=[CompletionOutput(0, tracked.text, tracked.token_ids, finish_reason)],
+            finished=True,
+            num_cached_tokens=tracked.num_cached_tokens,
+            metrics=tracked.metrics,
+        )
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        """The final output of a finished request (once; it is then forgotten)."""
+        return self._finished.pop(request_id)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()

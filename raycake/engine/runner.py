@@ -1,0 +1,206 @@
+"""One model step over a flattened batch: ``SchedulerOutput`` in, ``RunnerOutput`` out.
+
+The runner keeps its own copy of each request's tokens and block table, updated from the
+scheduler's deltas, so it can run in another process than the scheduler.
+
+Legend: T tokens in the step, D one-token decodes, L longest decode context,
+S cache slots (num_blocks x block_size), K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raycake.config import CacheConfig, ModelConfig
+from raycake.engine.outputs import RunnerOutput, SchedulerOutput
+from raycake.engine.sampler import sample
+from raycake.engine.sampling_params import SamplingParams
+from raycake.model.attention import AttentionMetadata, QuerySpan
+from raycake.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class RunnerRequestState:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+    generator: torch.Generator
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [N] index into T of each sampling request's last token
+    sample_request_ids: list[str]
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.kv_size * element
+
+
+def num_blocks_for(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """The pool size: ``cache.num_blocks`` if set, else as many as ``kv_cache_memory_bytes`` holds."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    blocks = cache.kv_cache_memory_bytes // kv_cache_bytes_per_block(config, cache.block_size, dtype)
+    if blocks < 1:
+        raise ValueError(
+            f"cache.kv_cache_memory_bytes: {cache.kv_cache_memory_bytes} bytes hold no block of "
+            f"{cache.block_size} tokens for this model"
+        )
+    return int(blocks)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        block_size: int,
+        num_blocks: int,
+        seed: int = 0,
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        num_slots = num_blocks * block_size
+        # One tensor per layer: [2 (K, V), S, K, Dh].
+        self.kv_caches = [
+            torch.zeros(2, num_slots, config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.requests: dict[str, RunnerRequestState] = {}
+        # Requests without a seed still draw reproducibly: from generators seeded in arrival order.
+        self._seed_source = torch.Generator().manual_seed(seed)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator:
+        seed = params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source).item())
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _apply_deltas(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_request_ids | out.preempted_request_ids:
+            self.requests.pop(rid, None)
+        for new in out.new_requests:
+            self.requests[new.request_id] = RunnerRequestState(
+                token_ids=list(new.token_ids),
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                sampling_params=new.sampling_params,
+                generator=self._generator(new.sampling_params),
+            )
+        for cached in out.cached_requests:
+            state = self.requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions start..end-1 of a sequence with this block table."""
+        positions = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Flatten the step: decodes first (batched attention), then one span per prefill chunk."""
+        decodes: list[tuple[str, RunnerRequestState]] = []
+        chunks: list[tuple[str, RunnerRequestState, int]] = []
+        for rid, n in out.num_scheduled_tokens.items():
+            state = self.requests[rid]
+            if n == 1 and state.num_computed_tokens > 0:
+                decodes.append((rid, state))
+            else:
+                chunks.append((rid, state, n))
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_pieces: list[torch.Tensor] = []
+        sample_indices: list[int] = []
+        sample_ids: list[str] = []
+        decode_slots = decode_mask = None
+        if decodes:
+            lengths = [s.num_computed_tokens + 1 for _, s in decodes]
+            max_len = max(lengths)
+            max_blocks = (max_len + self.block_size - 1) // self.block_size
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)  # [D, B]
+            for i, (rid, s) in enumerate(decodes):
+                blocks = s.block_ids[:max_blocks]
+                table[i, : len(blocks)] = torch.tensor(blocks)
+                pos = s.num_computed_tokens
+                input_ids.append(s.token_ids[pos])
+                positions.append(pos)
+                sample_indices.append(i)
+                sample_ids.append(rid)
+            pos_range = torch.arange(max_len)
+            decode_slots = table[:, pos_range // self.block_size] * self.block_size + (
+                pos_range % self.block_size
+            )  # [D, L]
+            decode_mask = (pos_range[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+            slot_pieces.append(decode_slots[torch.arange(len(decodes)), torch.tensor(lengths) - 1])
+
+        spans: list[QuerySpan] = []
+        for rid, s, n in chunks:
+            start_pos = s.num_computed_tokens
+            end_pos = start_pos + n
+            first = len(input_ids)
+            input_ids.extend(s.token_ids[start_pos:end_pos])
+            positions.extend(range(start_pos, end_pos))
+            context = self._slots(s.block_ids, 0, end_pos)  # [C]
+            slot_pieces.append(context[start_pos:])
+            mask = None
+            if start_pos > 0:
+                q_pos = torch.arange(start_pos, end_pos)[:, None]
+                mask = torch.arange(end_pos)[None, :] <= q_pos  # [n, C]
+            spans.append(QuerySpan(first, first + n, context, mask))
+            if end_pos == len(s.token_ids):
+                sample_indices.append(first + n - 1)
+                sample_ids.append(rid)
+
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_pieces).to(device),
+            num_decode_tokens=len(decodes),
+            decode_context_slots=None if decode_slots is None else decode_slots.to(device),
+            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            spans=spans,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+            sample_request_ids=sample_ids,
+        )
+
+    @torch.inference_mode()
+    def run_model(self, out: SchedulerOutput) -> tuple[StepInputs, torch.Tensor]:
+        """Apply the step's deltas and run the model over its tokens: final hidden states [T, E]."""
+        self._apply_deltas(out)
+        inputs = self.prepare(out)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        for rid, n in out.num_scheduled_tokens.items():
+            self.requests[rid].num_computed_tokens += n
+        return inputs, hidden
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.is_empty:
+            self._apply_deltas(out)
+            return RunnerOutput(sampled_token_ids={})
+        inputs, hidden = self.run_model(out)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
+        states = [self.requests[rid] for rid in inputs.sample_request_ids]
+        tokens = sample(logits, [s.sampling_params for s in states], [s.generator for s in states])
+        for state, token in zip(states, tokens, strict=True):
+            state.token_ids.append(token)
+        return RunnerOutput(
+            sampled_token_ids={rid: [t] for rid, t in zip(inputs.sample_request_ids, tokens, strict=True)}
+        )

@@ -1,0 +1,83 @@
+"""Tiny random Hugging Face Llama checkpoints, built and saved the way users' checkpoints are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raycake.training.bpe import save_tokenizer, train_bpe
+
+VOCAB_SIZE = 320
+_TOKENIZER_TEXT = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nfor name in os.listdir('.'):\n    print(name)\n",
+]
+
+
+@dataclass(frozen=True)
+class TinyLlama:
+    """One configuration that matters for parity."""
+
+    name: str
+    num_attention_heads: int
+    num_key_value_heads: int
+    hidden_size: int = 64
+    head_dim: int | None = None
+    llama3_rope: bool = False
+    tie_word_embeddings: bool = False
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=self.hidden_size,
+            intermediate_size=3 * self.hidden_size // 2,
+            num_hidden_layers=2,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            tie_word_embeddings=self.tie_word_embeddings,
+            # Larger than the default 0.02 so greedy choices are not near-ties.
+            initializer_range=0.2,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        if self.head_dim is not None:
+            kwargs["head_dim"] = self.head_dim
+        if self.llama3_rope:
+            kwargs["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        return kwargs
+
+
+CONFIGS = [
+    TinyLlama("mha-gqa1", num_attention_heads=4, num_key_value_heads=4),
+    TinyLlama("gqa2-llama3-rope", num_attention_heads=4, num_key_value_heads=2, llama3_rope=True),
+    TinyLlama(
+        "gqa4-tied-headdim",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=12,
+        tie_word_embeddings=True,
+    ),
+]
+
+
+def build_checkpoint(spec: TinyLlama, out_dir: Path, seed: int = 0):
+    """Save a random ``LlamaForCausalLM`` with a byte-level BPE tokenizer; return the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**spec.hf_kwargs())).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(train_bpe(_TOKENIZER_TEXT, VOCAB_SIZE), out_dir)
+    return model
