@@ -25,7 +25,9 @@ def held_out_prompts(tokenizer, num_prompts: int, prompt_tokens: int) -> list[li
             prompts.append(ids[start : start + prompt_tokens])
             if len(prompts) == num_prompts:
                 return prompts
-    raise RuntimeError(f"held-out corpus yields only {len(prompts)} prompts of {prompt_tokens} tokens")
+    raise RuntimeError(
+        f"held-out corpus yields only {len(prompts)} prompts of {prompt_tokens} tokens"
+    )
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train the embedded default model on the stdlib corpus")
     tr.add_argument("--out-dir", dest="out_dir", required=True)
-    for name in ("steps", "batch_size", "seq_len", "vocab_size", "hidden_size", "num_hidden_layers", "seed"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "seed",
+    ):
         tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
     tr.add_argument("--learning-rate", dest="learning_rate", type=float)
     tr.add_argument("--save-dtype", dest="save_dtype", choices=["float32", "bfloat16", "float16"])

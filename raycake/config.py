@@ -91,7 +91,9 @@ class ModelConfig:
             f"a divisor of num_attention_heads ({self.num_attention_heads})",
             self.num_key_value_heads,
         )
-        _require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
+        _require(
+            self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)", self.head_dim
+        )
         _require(
             self.architecture in SUPPORTED_ARCHITECTURES,
             "architectures",
@@ -121,6 +123,12 @@ class ModelConfig:
             "a list with one architecture name",
             architectures,
         )
+        _require(
+            architectures[0] in SUPPORTED_ARCHITECTURES,
+            "architectures",
+            f"one of {SUPPORTED_ARCHITECTURES}",
+            architectures[0],
+        )
         missing = [
             key
             for key in (
@@ -138,7 +146,9 @@ class ModelConfig:
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or rope
-        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        rope_type = (
+            scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        )
         rope_scaling = None
         if rope_type == "llama3":
             rope_scaling = RopeScaling(
@@ -262,7 +272,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.model, str) and self.model != "", "model", "a path or 'default'", self.model
+            isinstance(self.model, str) and self.model != "",
+            "model",
+            "a path or 'default'",
+            self.model,
         )
         _require(self.dtype in SUPPORTED_DTYPES, "dtype", f"one of {SUPPORTED_DTYPES}", self.dtype)
         _require(isinstance(self.seed, int), "seed", "an integer", self.seed)
@@ -344,7 +357,12 @@ class TrainConfig:
             "eval_batches",
         ):
             _positive_int(f"train.{name}", getattr(self, name))
-        _require(self.vocab_size >= 259, "train.vocab_size", ">= 259 (256 bytes + specials)", self.vocab_size)
+        _require(
+            self.vocab_size >= 259,
+            "train.vocab_size",
+            ">= 259 (256 bytes + specials)",
+            self.vocab_size,
+        )
         _require(
             self.hidden_size % self.num_attention_heads == 0,
             "train.hidden_size",
@@ -352,4 +370,9 @@ class TrainConfig:
             self.hidden_size,
         )
         _require(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
-        _require(self.save_dtype in SUPPORTED_DTYPES, "train.save_dtype", str(SUPPORTED_DTYPES), self.save_dtype)
+        _require(
+            self.save_dtype in SUPPORTED_DTYPES,
+            "train.save_dtype",
+            str(SUPPORTED_DTYPES),
+            self.save_dtype,
+        )

@@ -108,7 +108,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts: expected a string, a list of token ids, or a non-empty list of those")
+        raise ValueError(
+            "prompts: expected a string, a list of token ids, or a non-empty list of those"
+        )
     return list(prompts)
 
 

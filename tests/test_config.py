@@ -75,7 +75,10 @@ def test_missing_required_field_is_named():
     "factory, field",
     [
         (lambda: CacheConfig(block_size=0), "cache.block_size"),
-        (lambda: SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=8), "max_num_batched_tokens"),
+        (
+            lambda: SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=8),
+            "max_num_batched_tokens",
+        ),
         (lambda: EngineConfig(dtype="int4"), "dtype"),
     ],
 )

@@ -75,7 +75,9 @@ class LLMEngine:
         """Queue a prompt (text, or token ids); returns its request id."""
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+            raise TypeError(
+                f"sampling_params: expected SamplingParams, got {type(params).__name__}"
+            )
         if isinstance(prompt, str):
             text: str | None = prompt
             token_ids = self.tokenizer.encode(prompt)
@@ -93,7 +95,9 @@ class LLMEngine:
         if request_id in self._tracked:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
-        self.scheduler.add_request(request)  # raises RequestRejected for a prompt that can never fit
+        self.scheduler.add_request(
+            request
+        )  # raises RequestRejected for a prompt that can never fit
         self._tracked[request_id] = _TrackedRequest(
             prompt=text,
             prompt_token_ids=token_ids,
@@ -134,21 +138,32 @@ class LLMEngine:
                 tracked.token_ids.extend(update.new_token_ids)
                 tracked.detokenizer.add_tokens(update.new_token_ids)
                 tracked.text = tracked.detokenizer.output_text
+                truncated = None
                 if tracked.stop_matcher is not None and finish_reason is None:
                     truncated = tracked.stop_matcher.find(tracked.text)
-                    if truncated is not None:
-                        tracked.text = truncated
-                        finish_reason = "stop"
-                        self.scheduler.finish_requests(
-                            [update.request_id], RequestStatus.FINISHED_STOPPED
-                        )
-            deltas.append(self._delta(update.request_id, tracked, update.new_token_ids, finish_reason))
+                if truncated is not None:
+                    tracked.text = truncated
+                    finish_reason = "stop"
+                    self.scheduler.finish_requests(
+                        [update.request_id], RequestStatus.FINISHED_STOPPED
+                    )
+                elif finish_reason is not None:
+                    # The stream ends: release text held back for an incomplete character.
+                    tracked.detokenizer.flush()
+                    tracked.text = tracked.detokenizer.output_text
+            deltas.append(
+                self._delta(update.request_id, tracked, update.new_token_ids, finish_reason)
+            )
             if finish_reason is not None:
                 self._finish(update.request_id, finish_reason, now)
         return deltas
 
     def _delta(
-        self, request_id: str, tracked: _TrackedRequest, new_ids: list[int], finish_reason: str | None
+        self,
+        request_id: str,
+        tracked: _TrackedRequest,
+        new_ids: list[int],
+        finish_reason: str | None,
     ) -> StreamDelta:
         # While running, hold back text that could still turn out to begin a stop string.
         visible = len(tracked.text)
@@ -157,7 +172,9 @@ class LLMEngine:
         visible = max(visible, tracked.streamed_chars)
         text = tracked.text[tracked.streamed_chars : visible]
         tracked.streamed_chars = visible
-        return StreamDelta(request_id, text, list(new_ids), finish_reason is not None, finish_reason)
+        return StreamDelta(
+            request_id, text, list(new_ids), finish_reason is not None, finish_reason
+        )
 
     def _finish(self, request_id: str, finish_reason: str, now: float) -> None:
         tracked = self._tracked.pop(request_id)

@@ -48,7 +48,9 @@ def num_blocks_for(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) 
     """The pool size: ``cache.num_blocks`` if set, else as many as ``kv_cache_memory_bytes`` holds."""
     if cache.num_blocks is not None:
         return cache.num_blocks
-    blocks = cache.kv_cache_memory_bytes // kv_cache_bytes_per_block(config, cache.block_size, dtype)
+    blocks = cache.kv_cache_memory_bytes // kv_cache_bytes_per_block(
+        config, cache.block_size, dtype
+    )
     if blocks < 1:
         raise ValueError(
             f"cache.kv_cache_memory_bytes: {cache.kv_cache_memory_bytes} bytes hold no block of "
@@ -74,7 +76,14 @@ class ModelRunner:
         num_slots = num_blocks * block_size
         # One tensor per layer: [2 (K, V), S, K, Dh].
         self.kv_caches = [
-            torch.zeros(2, num_slots, config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(
+                2,
+                num_slots,
+                config.num_key_value_heads,
+                config.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
             for _ in range(config.num_hidden_layers)
         ]
         self.requests: dict[str, RunnerRequestState] = {}
@@ -115,7 +124,13 @@ class ModelRunner:
         chunks: list[tuple[str, RunnerRequestState, int]] = []
         for rid, n in out.num_scheduled_tokens.items():
             state = self.requests[rid]
-            if n == 1 and state.num_computed_tokens > 0:
+            # A decode is the one token after a sequence's computed ones; a 1-token prefill
+            # chunk in the middle of a prompt is not, and must not sample.
+            if (
+                n == 1
+                and state.num_computed_tokens > 0
+                and state.num_computed_tokens + 1 == len(state.token_ids)
+            ):
                 decodes.append((rid, state))
             else:
                 chunks.append((rid, state, n))
@@ -202,5 +217,7 @@ class ModelRunner:
         for state, token in zip(states, tokens, strict=True):
             state.token_ids.append(token)
         return RunnerOutput(
-            sampled_token_ids={rid: [t] for rid, t in zip(inputs.sample_request_ids, tokens, strict=True)}
+            sampled_token_ids={
+                rid: [t] for rid, t in zip(inputs.sample_request_ids, tokens, strict=True)
+            }
         )

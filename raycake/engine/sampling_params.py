@@ -26,7 +26,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples so params stay hashable and immutable.
         object.__setattr__(self, "stop", _as_tuple("stop", self.stop, str))
-        object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int))
+        object.__setattr__(
+            self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int)
+        )
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -53,7 +53,7 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     out = torch.empty_like(q)
 

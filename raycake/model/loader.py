@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from raycake.config import ModelConfig
@@ -54,7 +54,10 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{index}: not valid JSON ({exc})") from exc
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no 'weight_map'")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
@@ -92,7 +95,11 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: dict[str, set[int | None]] = {name: set() for name in params}
     for file in checkpoint_files(model_dir):
-        with safe_open(str(file), framework="pt") as reader:
+        try:
+            opened = safe_open(str(file), framework="pt")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+        with opened as reader:
             for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
@@ -136,12 +143,15 @@ def load_model(
     config = read_model_config(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device)
+    # Materialize in the target dtype: the checkpoint is converted tensor by tensor on copy.
+    model = model.to_empty(device=device).to(DTYPES[dtype])
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
     load_weights(model, model_dir)
-    return model.to(DTYPES[dtype]).eval()
+    model = model.eval()
+    # NOTE: RoPE frequencies stay fp32 in every weight dtype, as in transformers.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    return model
 
 
 def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
@@ -154,7 +164,9 @@ def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
         parts = name.split(".")
         fused = parts[-2] if len(parts) >= 2 else ""
         if fused in ("qkv_proj", "gate_up_proj"):
-            names = ["q_proj", "k_proj", "v_proj"] if fused == "qkv_proj" else ["gate_proj", "up_proj"]
+            names = (
+                ["q_proj", "k_proj", "v_proj"] if fused == "qkv_proj" else ["gate_proj", "up_proj"]
+            )
             for proj, (start, size) in zip(names, _shard_slices(config, fused), strict=True):
                 key = ".".join([*parts[:-2], proj, parts[-1]])
                 out[key] = tensor.narrow(0, start, size).contiguous()

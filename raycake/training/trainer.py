@@ -80,11 +80,17 @@ def init_weights(model: LlamaForCausalLM, num_layers: int) -> None:
         elif name.endswith(".bias"):
             torch.nn.init.zeros_(param)
         else:
-            std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            std = (
+                0.02 / math.sqrt(2 * num_layers)
+                if name.endswith(("o_proj.weight", "down_proj.weight"))
+                else 0.02
+            )
             torch.nn.init.normal_(param, std=std)
 
 
-def _batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     data = torch.from_numpy(windows)
     return data[:, :-1], data[:, 1:]
@@ -94,7 +100,9 @@ def evaluate(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, max_wind
     """Mean next-token loss over consecutive non-overlapping windows of ``tokens``."""
     num_windows = min(max_windows, (len(tokens) - 1) // seq_len)
     if num_windows == 0:
-        raise ValueError(f"held-out set has {len(tokens)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(
+            f"held-out set has {len(tokens)} tokens, fewer than one window of {seq_len}"
+        )
     starts = np.arange(num_windows) * seq_len
     positions = torch.arange(seq_len)
     total, count = 0.0, 0
@@ -125,7 +133,9 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [h["step"] for h in history if "train_loss" in h]
-    ax.plot(steps, [h["train_loss"] for h in history if "train_loss" in h], label="train", alpha=0.6)
+    ax.plot(
+        steps, [h["train_loss"] for h in history if "train_loss" in h], label="train", alpha=0.6
+    )
     evals = [h for h in history if "held_out_loss" in h]
     ax.plot([h["step"] for h in evals], [h["held_out_loss"] for h in evals], "o-", label="held-out")
     ax.set_xlabel("step")
@@ -159,7 +169,10 @@ def train(cfg: TrainConfig) -> TrainReport:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.learning_rate,
         betas=(0.9, 0.95),
     )

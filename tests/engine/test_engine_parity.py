@@ -41,7 +41,9 @@ def test_logits_match_transformers_across_mixed_steps(tiny_llama):
         decode_ids = [
             rid
             for rid, n in out.num_scheduled_tokens.items()
-            if n == 1 and states_before[rid] > 0
+            if n == 1
+            and states_before[rid] > 0
+            and states_before[rid] + 1 == len(runner.requests[rid].token_ids)
         ]
         chunk_ids = [rid for rid in out.num_scheduled_tokens if rid not in decode_ids]
         offset = 0
@@ -69,12 +71,18 @@ def test_greedy_tokens_match_generate_concurrently(tiny_llama):
     model_dir, hf_model = tiny_llama
     llm = LLM(str(model_dir), block_size=8, max_num_batched_tokens=64)
     max_new = 12
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True))
+    outputs = llm.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True)
+    )
     hf_model.generation_config.eos_token_id = None
     for prompt, out in zip(PROMPTS, outputs, strict=True):
         with torch.no_grad():
+            input_ids = torch.tensor([prompt])
             expected = hf_model.generate(
-                torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new, pad_token_id=0
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=max_new,
             )[0, len(prompt) :].tolist()
         assert out.token_ids == expected
         assert out.finish_reason == "length"

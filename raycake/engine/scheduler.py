@@ -1,0 +1,328 @@
+"""Continuous batching: which requests compute how many tokens each step.
+
+Prefill, chunked prefill and decode are one idea: each request's ``num_computed_tokens``
+catches up with its ``num_tokens``. Each step has a token budget. Running requests go first,
+one-token decodes before prefill chunks; then waiting requests are admitted in arrival order.
+When KV blocks run out, the most recently added running request is preempted (its blocks
+freed, its tokens recomputed when it is admitted again).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+
+from raycake.config import CacheConfig, SchedulerConfig
+from raycake.engine.kv_cache import KVCacheManager
+from raycake.engine.outputs import (
+    CachedRequestData,
+    NewRequestData,
+    RequestUpdate,
+    RunnerOutput,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from raycake.engine.request import Request, RequestStatus
+from raycake.policies.eviction import make_eviction_policy
+
+
+class RequestRejected(ValueError):
+    """A request that could never run, whatever else is running."""
+
+
+class Scheduler:
+    """FCFS continuous batching over one ``KVCacheManager``. Plain Python: no torch, no Ray."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.kv_cache = KVCacheManager(
+            num_blocks,
+            cache_config.block_size,
+            enable_prefix_caching=cache_config.enable_prefix_caching,
+            eviction_policy=make_eviction_policy(cache_config.eviction_policy),
+        )
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        # Priority for preemption: the order of add_request (a larger number is preempted first).
+        self._add_order: dict[str, int] = {}
+        self._next_order = itertools.count()
+        self._finished_ids: set[str] = set()  # finished since the last schedule()
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raise ``RequestRejected`` if it could never fit."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r}: a request with this id is already in flight")
+        num_prompt = request.num_prompt_tokens
+        max_tokens = request.sampling_params.max_tokens
+        if num_prompt + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"request {rid!r}: prompt of {num_prompt} tokens + max_tokens {max_tokens} = "
+                f"{num_prompt + max_tokens} tokens exceeds max_model_len {self.max_model_len}"
+            )
+        # The last sampled token is never fed back, so its KV never needs a slot.
+        num_kv_tokens = num_prompt + max_tokens - 1
+        num_blocks_needed = -(-num_kv_tokens // self.block_size)
+        if num_blocks_needed > self.num_blocks:
+            raise RequestRejected(
+                f"request {rid!r}: prompt of {num_prompt} tokens + max_tokens {max_tokens} needs "
+                f"{num_blocks_needed} KV blocks of {self.block_size} tokens, but the cache has "
+                f"only {self.num_blocks}"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[rid] = request
+        self._add_order[rid] = next(self._next_order)
+        self.waiting.append(request)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}  # in scheduling order
+        new_blocks: dict[str, list[int]] = {}  # running requests: block ids added this step
+        preempted: list[Request] = []
+
+        # Running requests, decodes first (a stable sort keeps admission order within each).
+        for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = min(remaining, budget, self.config.max_prefill_chunk)
+            blocks = self.kv_cache.allocate_slots(request, num_new)
+            while blocks is None:
+                victim = max(self.running, key=lambda r: self._add_order[r.request_id])
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim.request_id in scheduled:
+                    # Already given tokens this step: hand them back.
+                    budget += scheduled.pop(victim.request_id)
+                    del new_blocks[victim.request_id]
+                if victim is request:
+                    break
+                blocks = self.kv_cache.allocate_slots(request, num_new)
+            if blocks is None:
+                continue
+            scheduled[request.request_id] = num_new
+            new_blocks[request.request_id] = blocks
+            budget -= num_new
+
+        # Waiting requests in FIFO order. A step that had to preempt has no room for more.
+        admitted: list[Request] = []
+        while (
+            self.waiting
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget, self.config.max_prefill_chunk)
+            if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
+                break  # head-of-line: later requests wait too, and nobody is preempted for them
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached  # first admission only
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            admitted.append(request)
+            scheduled[request.request_id] = num_new
+            budget -= num_new
+
+        new_requests = [
+            NewRequestData(
+                request_id=r.request_id,
+                token_ids=list(r.all_token_ids),
+                num_prompt_tokens=r.num_prompt_tokens,
+                sampling_params=r.sampling_params,
+                block_ids=self.kv_cache.block_ids(r.request_id),
+                num_computed_tokens=r.num_computed_tokens,
+            )
+            for r in admitted
+        ]
+        # NOTE: num_computed_tokens only advances in update_from_output, so it is still the
+        # count from before this step.
+        cached_requests = [
+            CachedRequestData(rid, blocks, self.requests[rid].num_computed_tokens)
+            for rid, blocks in new_blocks.items()
+        ]
+        finished_ids, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(
+            new_requests=new_requests,
+            cached_requests=cached_requests,
+            num_scheduled_tokens=self._decodes_first(scheduled),
+            total_num_scheduled_tokens=sum(scheduled.values()),
+            finished_request_ids=finished_ids,
+            preempted_request_ids={r.request_id for r in preempted},
+        )
+
+    def _decodes_first(self, scheduled: dict[str, int]) -> dict[str, int]:
+        """Order the step: one-token decodes (chunks that end at the last known token) first."""
+
+        def is_decode(rid: str) -> bool:
+            request = self.requests[rid]
+            return scheduled[rid] == 1 and request.num_computed_tokens + 1 == request.num_tokens
+
+        decodes = [rid for rid in scheduled if is_decode(rid)]
+        chunks = [rid for rid in scheduled if not is_decode(rid)]
+        return {rid: scheduled[rid] for rid in decodes + chunks}
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # The front: it arrived before every request still waiting.
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+    ) -> list[RequestUpdate]:
+        """Advance the scheduled requests by what the runner computed and sampled."""
+        updates: list[RequestUpdate] = []
+        sampled_by_id = runner_output.sampled_token_ids
+        for rid, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished from outside (abort, stop string) during the step
+            request.num_computed_tokens += num_scheduled
+            self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
+            sampled = sampled_by_id.get(rid, [])
+            reached_end = request.num_computed_tokens == request.num_tokens
+            if reached_end != bool(sampled):
+                # A silent mismatch would desynchronize the runner's tokens from ours.
+                raise RuntimeError(
+                    f"request {rid!r}: runner sampled {len(sampled)} token(s) for a chunk that "
+                    f"{'reached' if reached_end else 'did not reach'} its last known token "
+                    f"({request.num_computed_tokens} of {request.num_tokens} computed)"
+                )
+            if not sampled:
+                continue
+            new_token_ids: list[int] = []
+            status: RequestStatus | None = None
+            for token_id in sampled:
+                request.append_output_token(token_id)
+                new_token_ids.append(token_id)
+                status = self._stop_status(request, token_id)
+                if status is not None:
+                    break
+            if status is not None:
+                self._finish(request, status)
+            updates.append(
+                RequestUpdate(
+                    rid, new_token_ids, request.status.finish_reason, request.num_cached_tokens
+                )
+            )
+        return updates
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        # The model chose to stop: "stop" wins over a length limit reached on the same token.
+        if (not params.ignore_eos and token_id in request.eos_token_ids) or (
+            token_id in params.stop_token_ids
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ---- finishing from outside ------------------------------------------------------------
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish waiting or running requests (abort, stop string); unknown ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"status: expected a finished status, got {status.name}")
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        request.status = status
+        del self.requests[request.request_id]
+        del self._add_order[request.request_id]
+        self._finished_ids.add(request.request_id)
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request by id (finished requests are forgotten)."""
+        return self.requests.get(request_id)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.kv_cache.usage,
+            prefix_cache_queries=self.kv_cache.prefix_cache_queries,
+            prefix_cache_hits=self.kv_cache.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if queues, statuses and block tables disagree."""
+        self.kv_cache.check_invariants()
+        running = {r.request_id for r in self.running}
+        waiting = {r.request_id for r in self.waiting}
+        if len(running) != len(self.running) or len(waiting) != len(self.waiting):
+            raise AssertionError("a request appears twice in the running or waiting queue")
+        if running & waiting:
+            raise AssertionError(f"requests {sorted(running & waiting)} are running and waiting")
+        if running | waiting != set(self.requests):
+            raise AssertionError(
+                f"queued {sorted(running | waiting)} but tracking {sorted(self.requests)}"
+            )
+        if self.kv_cache.request_ids != running:
+            raise AssertionError(
+                f"block tables for {sorted(self.kv_cache.request_ids)}, running {sorted(running)}"
+            )
+        if len(self.running) > self.config.max_num_seqs:
+            raise AssertionError(f"{len(self.running)} running > max_num_seqs")
+        for r in self.running:
+            num_slots = len(self.kv_cache.block_ids(r.request_id)) * self.block_size
+            if r.status != RequestStatus.RUNNING or not (
+                r.num_computed_tokens < r.num_tokens and r.num_computed_tokens <= num_slots
+            ):
+                raise AssertionError(f"{r!r}: inconsistent running state ({num_slots} slots)")
+        for r in self.waiting:
+            if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                raise AssertionError(f"{r!r}: waiting with status {r.status.name}")
+            if r.num_computed_tokens != 0:
+                raise AssertionError(f"{r!r}: waiting with computed tokens")
