@@ -69,7 +69,7 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         # How many leading blocks of each request's table are already registered.
         self._num_registered: dict[str, int] = {}
-        self.prefix_cache_queries = 0  # tokens looked up by get_computed_blocks
+        self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the cache
         self.prefix_cache_hits = 0  # of those, tokens found cached
 
     # ---- queries ---------------------------------------------------------------------------
@@ -108,8 +108,8 @@ class KVCacheManager:
         """The longest run of the request's leading full blocks found in the prefix cache.
 
         Returns (block ids, number of cached tokens). Takes no references: pass the blocks to
-        ``allocate_slots`` in the same scheduling pass. Every call counts in the hit-rate
-        counters, so call it once per admission attempt.
+        ``allocate_slots`` in the same scheduling pass, which counts the lookup in the hit-rate
+        counters once the request is actually admitted.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -122,10 +122,7 @@ class KVCacheManager:
             if block_id is None:
                 break
             blocks.append(block_id)
-        num_cached_tokens = len(blocks) * self.block_size
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += num_cached_tokens
-        return blocks, num_cached_tokens
+        return blocks, len(blocks) * self.block_size
 
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the full blocks within the request's first ``num_computed_tokens`` tokens.
@@ -194,6 +191,10 @@ class KVCacheManager:
             self._ref_counts[block_id] = 1
             fresh.append(block_id)
         if rid not in self._tables:
+            # Admission: count the lookup here, so a request that waits is not counted twice.
+            if self.enable_prefix_caching:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += len(computed) * self.block_size
             self._tables[rid] = table
             self._num_registered[rid] = len(computed)
         new_blocks = computed + fresh
