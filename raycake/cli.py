@@ -83,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "seq_len",
         "vocab_size",
         "hidden_size",
+        "intermediate_size",
         "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "warmup_steps",
+        "eval_every",
+        "eval_batches",
+        "max_corpus_files",
         "seed",
     ):
         tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)

@@ -340,6 +340,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 16
     held_out_percent: int = 2
+    # None: the whole stdlib. A small number makes a quick smoke run of the pipeline.
+    max_corpus_files: int | None = None
     save_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -370,6 +372,8 @@ class TrainConfig:
             self.hidden_size,
         )
         _require(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
+        if self.max_corpus_files is not None:
+            _positive_int("train.max_corpus_files", self.max_corpus_files)
         _require(
             self.save_dtype in SUPPORTED_DTYPES,
             "train.save_dtype",

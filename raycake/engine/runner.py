@@ -59,6 +59,12 @@ def num_blocks_for(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) 
     return int(blocks)
 
 
+def _additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, -inf where ``blocked``: CPU SDPA runs faster on a float
+    mask than on a boolean one."""
+    return torch.zeros(blocked.shape, dtype=dtype).masked_fill_(blocked, float("-inf"))
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -112,14 +118,9 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        """Cache slots of positions start..end-1 of a sequence with this block table."""
-        positions = torch.arange(start, end)
-        table = torch.tensor(block_ids, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
-
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Flatten the step: decodes first (batched attention), then one span per prefill chunk."""
+        bs = self.block_size
         decodes: list[tuple[str, RunnerRequestState]] = []
         chunks: list[tuple[str, RunnerRequestState, int]] = []
         for rid, n in out.num_scheduled_tokens.items():
@@ -135,31 +136,30 @@ class ModelRunner:
             else:
                 chunks.append((rid, state, n))
 
+        # Built as Python lists and turned into one tensor each: many tiny tensors cost more.
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_pieces: list[torch.Tensor] = []
+        slots: list[int] = []
         sample_indices: list[int] = []
         sample_ids: list[str] = []
-        decode_slots = decode_mask = None
+        decode_tables = decode_mask = None
         if decodes:
             lengths = [s.num_computed_tokens + 1 for _, s in decodes]
-            max_len = max(lengths)
-            max_blocks = (max_len + self.block_size - 1) // self.block_size
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)  # [D, B]
+            max_blocks = -(-max(lengths) // bs)
+            rows = []
             for i, (rid, s) in enumerate(decodes):
-                blocks = s.block_ids[:max_blocks]
-                table[i, : len(blocks)] = torch.tensor(blocks)
                 pos = s.num_computed_tokens
                 input_ids.append(s.token_ids[pos])
                 positions.append(pos)
+                slots.append(s.block_ids[pos // bs] * bs + pos % bs)
                 sample_indices.append(i)
                 sample_ids.append(rid)
-            pos_range = torch.arange(max_len)
-            decode_slots = table[:, pos_range // self.block_size] * self.block_size + (
-                pos_range % self.block_size
-            )  # [D, L]
-            decode_mask = (pos_range[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
-            slot_pieces.append(decode_slots[torch.arange(len(decodes)), torch.tensor(lengths) - 1])
+                row = s.block_ids[:max_blocks]
+                rows.append(row + [0] * (max_blocks - len(row)))
+            decode_tables = torch.tensor(rows, dtype=torch.long)  # [D, M]
+            context = torch.arange(max_blocks * bs)
+            padded = context[None, :] >= torch.tensor(lengths)[:, None]  # [D, M * P]
+            decode_mask = _additive_mask(padded, self.dtype)[:, None, None, :]  # [D, 1, 1, M * P]
 
         spans: list[QuerySpan] = []
         for rid, s, n in chunks:
@@ -168,22 +168,24 @@ class ModelRunner:
             first = len(input_ids)
             input_ids.extend(s.token_ids[start_pos:end_pos])
             positions.extend(range(start_pos, end_pos))
-            context = self._slots(s.block_ids, 0, end_pos)  # [C]
-            slot_pieces.append(context[start_pos:])
+            table = s.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start_pos, end_pos))
             mask = None
             if start_pos > 0:
                 q_pos = torch.arange(start_pos, end_pos)[:, None]
-                mask = torch.arange(end_pos)[None, :] <= q_pos  # [n, C]
-            spans.append(QuerySpan(first, first + n, context, mask))
+                mask = _additive_mask(torch.arange(end_pos)[None, :] > q_pos, self.dtype)  # [n, C]
+            block_ids = torch.tensor(table[: -(-end_pos // bs)], dtype=torch.long)
+            spans.append(QuerySpan(first, first + n, block_ids.to(self.device), end_pos, mask))
             if end_pos == len(s.token_ids):
                 sample_indices.append(first + n - 1)
                 sample_ids.append(rid)
 
         device = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_pieces).to(device),
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(decodes),
-            decode_context_slots=None if decode_slots is None else decode_slots.to(device),
+            decode_block_tables=None if decode_tables is None else decode_tables.to(device),
             decode_mask=None if decode_mask is None else decode_mask.to(device),
             spans=spans,
         )

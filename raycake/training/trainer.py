@@ -156,8 +156,9 @@ def train(cfg: TrainConfig) -> TrainReport:
     rng = np.random.default_rng(cfg.seed)
 
     split = split_corpus(held_out_percent=cfg.held_out_percent)
-    train_texts = list(read_texts(split.train))
-    held_texts = list(read_texts(split.held_out))
+    limit = cfg.max_corpus_files
+    train_texts = list(read_texts(split.train[:limit]))
+    held_texts = list(read_texts(split.held_out[:limit]))
     tokenizer = train_bpe(train_texts, cfg.vocab_size)
     train_tokens = encode_corpus(tokenizer, train_texts)
     held_tokens = encode_corpus(tokenizer, held_texts)

@@ -86,14 +86,18 @@ def test_stop_token_ids_and_stop_strings(model_dir):
     llm = LLM(model_dir)
     free = llm.generate([[5, 6, 7]], GREEDY)[0]
     stop_at = free.token_ids[3]
-    by_id = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at]))[0]
+    by_id = llm.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at])
+    )[0]
     assert by_id.finish_reason == "stop"
     assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
 
     text = free.text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), "need a visible stop string"
-    by_str = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=[stop]))[0]
+    by_str = llm.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=[stop])
+    )[0]
     assert by_str.finish_reason == "stop"
     assert by_str.text == text[: text.index(stop)]
 
