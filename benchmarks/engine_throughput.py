@@ -9,6 +9,7 @@ engines produce the same number of tokens. transformers runs the batch with left
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -48,38 +49,43 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="both engines run each dtype"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    llm = LLM("default", max_num_seqs=max(args.concurrency))
-    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # same token count as raycake's ignore_eos
-    pad_id = llm.tokenizer.eos_token_ids[0]
-    prompts = held_out_prompts(llm.tokenizer, max(args.concurrency), args.prompt_tokens)
-
     rows = []
-    for n in args.concurrency:
-        batch = prompts[:n]
-        tokens = n * args.new_tokens
-        t_rc = median_seconds(lambda b=batch: run_raycake(llm, b, args.new_tokens), args.repeats)
-        t_hf = median_seconds(
-            lambda b=batch: run_transformers(hf, b, args.new_tokens, pad_id), args.repeats
-        )
-        rows.append(
-            {
-                "concurrency": n,
-                "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens,
-                "raycake_tok_s": tokens / t_rc,
-                "transformers_tok_s": tokens / t_hf,
-                "ratio": t_hf / t_rc,
-                "torch_threads": torch.get_num_threads(),
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            }
-        )
-    print_table(rows, ["concurrency", "raycake_tok_s", "transformers_tok_s", "ratio"])
+    for dtype in args.dtypes:
+        llm = LLM("default", dtype=dtype, max_num_seqs=max(args.concurrency))
+        hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=getattr(torch, dtype))
+        hf = hf.eval()
+        hf.generation_config.eos_token_id = None  # same token count as raycake's ignore_eos
+        pad_id = llm.tokenizer.eos_token_ids[0]
+        prompts = held_out_prompts(llm.tokenizer, max(args.concurrency), args.prompt_tokens)
+        for n in args.concurrency:
+            batch = prompts[:n]
+            tokens = n * args.new_tokens
+            t_rc = median_seconds(lambda b=batch: run_raycake(llm, b, args.new_tokens), args.repeats)
+            t_hf = median_seconds(
+                lambda b=batch: run_transformers(hf, b, args.new_tokens, pad_id), args.repeats
+            )
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "concurrency": n,
+                    "prompt_tokens": args.prompt_tokens,
+                    "new_tokens": args.new_tokens,
+                    "raycake_tok_s": tokens / t_rc,
+                    "transformers_tok_s": tokens / t_hf,
+                    "ratio": t_hf / t_rc,
+                    "torch_threads": torch.get_num_threads(),
+                    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+                }
+            )
+    print_table(rows, ["dtype", "concurrency", "raycake_tok_s", "transformers_tok_s", "ratio"])
     print(f"saved {write_table(rows, 'engine_throughput')}")
 
 

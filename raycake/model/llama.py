@@ -26,11 +26,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: normalise in fp32 and cast back before the weight, exactly as transformers does.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # NOTE: normalise in fp32 and cast back before the weight, exactly as transformers does
+        # (one fused kernel instead of six small ops: this runs twice per layer per step).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -57,9 +56,10 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         lead = x.shape[:-1]  # (T,) or (B, S)
         qkv = self.qkv_proj(x)  # [..., (H + 2K) * Dh]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(*lead, self.num_heads, self.head_dim), cos, sin)  # [..., H, Dh]
-        k = apply_rotary(k.view(*lead, self.num_kv_heads, self.head_dim), cos, sin)  # [..., K, Dh]
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Rotate q and k heads in one go: they share cos/sin.
+        qk = apply_rotary(qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)  # [..., H, Dh], [..., K, Dh]
         v = v.view(*lead, self.num_kv_heads, self.head_dim)  # [..., K, Dh]
         if meta is None:
             out = dense_causal_attention(q, k, v, self.scale)
