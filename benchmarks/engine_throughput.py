@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from functools import partial
 
 import torch
 
@@ -68,9 +69,9 @@ def main() -> None:
         for n in args.concurrency:
             batch = prompts[:n]
             tokens = n * args.new_tokens
-            t_rc = median_seconds(lambda b=batch: run_raycake(llm, b, args.new_tokens), args.repeats)
+            t_rc = median_seconds(partial(run_raycake, llm, batch, args.new_tokens), args.repeats)
             t_hf = median_seconds(
-                lambda b=batch: run_transformers(hf, b, args.new_tokens, pad_id), args.repeats
+                partial(run_transformers, hf, batch, args.new_tokens, pad_id), args.repeats
             )
             rows.append(
                 {

@@ -47,7 +47,9 @@ def test_transformers_reads_the_shipped_model_identically():
     hf.generation_config.eos_token_id = None
     ids = torch.tensor([llm.tokenizer.encode(prompt)])
     with torch.no_grad():
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+        theirs = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24
+        )
     assert ours == theirs[0, ids.shape[1] :].tolist()
 
 

@@ -58,7 +58,9 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)  # [..., (H + 2K) * Dh]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # Rotate q and k heads in one go: they share cos/sin.
-        qk = apply_rotary(qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        qk = apply_rotary(
+            qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
+        )
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)  # [..., H, Dh], [..., K, Dh]
         v = v.view(*lead, self.num_kv_heads, self.head_dim)  # [..., K, Dh]
         if meta is None:
