@@ -31,6 +31,16 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> by
     return digest.digest()
 
 
+def block_hashes_for(token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """Chained hashes of every full block of ``token_ids``."""
+    hashes: list[bytes] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -213,6 +223,40 @@ class KVCacheManager:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
                 self._free.add(block_id)
+
+    # ---- blocks that arrive from elsewhere (a KV store, another instance) --------------------
+
+    def num_cached_prefix_blocks(self, block_hashes: list[bytes]) -> int:
+        """How many leading blocks of a chained-hash sequence this cache holds."""
+        count = 0
+        for block_hash in block_hashes:
+            if block_hash not in self._cached:
+                break
+            count += 1
+        return count
+
+    def import_cached_blocks(self, block_hashes: list[bytes]) -> list[int | None]:
+        """Make room for fetched blocks and register them in the prefix cache.
+
+        Returns, per hash, the block id whose contents the caller must now fill (before any
+        other allocation), or None where the hash is already cached. Imported blocks are free
+        (ref count 0) and most recently used, so they are the last to be evicted. Returns an
+        empty list, importing nothing, when the free pool cannot hold them all.
+        """
+        missing = [h for h in dict.fromkeys(block_hashes) if h not in self._cached]
+        if len(missing) > len(self._free):
+            return []
+        placed: dict[bytes, int] = {}
+        for block_hash in missing:
+            block_id = self._free.pop_victim()
+            stale_hash = self._block_hashes[block_id]
+            if stale_hash is not None:
+                del self._cached[stale_hash]
+            self._block_hashes[block_id] = block_hash
+            self._cached[block_hash] = block_id
+            self._free.add(block_id)
+            placed[block_hash] = block_id
+        return [placed.get(h) for h in block_hashes]
 
     # ---- invariants ------------------------------------------------------------------------
 

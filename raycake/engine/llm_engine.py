@@ -7,7 +7,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from raycake.config import EngineConfig
+from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.outputs import SchedulerStats
 from raycake.engine.request import Request, RequestStatus
 from raycake.engine.request_output import (
@@ -21,6 +24,15 @@ from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.scheduler import Scheduler
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+
+@dataclass(frozen=True)
+class ExportedKV:
+    """A prompt's KV as it leaves a prefill engine."""
+
+    kv: torch.Tensor  # [layers, 2, blocks, P, K, Dh]; the last block may be partly filled
+    block_hashes: list[bytes]  # chained hashes of the full blocks (a prefix of ``kv``'s blocks)
+    num_tokens: int  # prompt tokens whose KV is in ``kv``
 
 
 @dataclass
@@ -71,8 +83,14 @@ class LLMEngine:
         prompt: str | list[int],
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        hold_kv: bool = False,
     ) -> str:
-        """Queue a prompt (text, or token ids); returns its request id."""
+        """Queue a prompt (text, or token ids); returns its request id.
+
+        ``hold_kv``: keep the request's KV blocks after it finishes, for ``export_kv``, until
+        ``release_kv`` (a prefill instance hands them to a decode instance).
+        """
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(
@@ -95,17 +113,98 @@ class LLMEngine:
         if request_id in self._tracked:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        request.hold_kv_on_finish = hold_kv
         self.scheduler.add_request(
             request
         )  # raises RequestRejected for a prompt that can never fit
-        self._tracked[request_id] = _TrackedRequest(
-            prompt=text,
-            prompt_token_ids=token_ids,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
+        self._track(request, text)
+        return request_id
+
+    def _track(self, request: Request, prompt: str | None) -> _TrackedRequest:
+        params = request.sampling_params
+        tracked = _TrackedRequest(
+            prompt=prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
             stop_matcher=StopStringMatcher(params.stop) if params.stop else None,
             metrics=RequestMetrics(arrival_time=request.arrival_time),
         )
-        return request_id
+        self._tracked[request.request_id] = tracked
+        return tracked
+
+    # ---- disaggregation: KV leaves a prefill engine and enters a decode engine ----------------
+
+    def prefix_block_hashes(self, token_ids: list[int]) -> list[bytes]:
+        """Chained hashes of the full blocks of ``token_ids`` (the KV store's keys)."""
+        return block_hashes_for(token_ids, self.config.cache.block_size)
+
+    def num_cached_prefix_blocks(self, block_hashes: list[bytes]) -> int:
+        return self.scheduler.kv_cache.num_cached_prefix_blocks(block_hashes)
+
+    def import_prefix_blocks(self, block_hashes: list[bytes], kv: torch.Tensor) -> int:
+        """Put fetched full blocks ([layers, 2, n, P, K, Dh]) into the prefix cache; returns how
+        many were new. Nothing is imported when the free pool cannot hold them."""
+        targets = self.scheduler.kv_cache.import_cached_blocks(block_hashes)
+        fill = [(i, b) for i, b in enumerate(targets) if b is not None]
+        if fill:
+            index = torch.tensor([i for i, _ in fill])
+            self.runner.write_blocks([b for _, b in fill], kv.index_select(2, index))
+        return len(fill)
+
+    def export_kv(self, request_id: str) -> ExportedKV:
+        """The KV of a finished ``hold_kv`` request's prompt, with its full blocks' hashes."""
+        request = self.scheduler.held.get(request_id)
+        if request is None:
+            raise KeyError(f"request {request_id!r}: no held KV (not finished, or not hold_kv)")
+        num_tokens = request.num_prompt_tokens
+        block_size = self.config.cache.block_size
+        block_ids = self.scheduler.kv_cache.block_ids(request_id)[: -(-num_tokens // block_size)]
+        return ExportedKV(
+            kv=self.runner.read_blocks(block_ids),
+            block_hashes=block_hashes_for(request.prompt_token_ids, block_size),
+            num_tokens=num_tokens,
+        )
+
+    def release_kv(self, request_id: str) -> None:
+        self.scheduler.release_held_kv(request_id)
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        sampling_params: SamplingParams,
+        kv: torch.Tensor,
+    ) -> bool:
+        """Continue decoding a request prefilled elsewhere; ``kv`` holds its prompt's blocks.
+
+        Returns False (nothing changed) when there is no room yet: the caller retries later.
+        """
+        if request_id in self._tracked:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        mc = self.model_config
+        block_size = self.config.cache.block_size
+        expected = (
+            mc.num_hidden_layers,
+            2,
+            -(-len(prompt_token_ids) // block_size),
+            block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+        )
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"kv: expected shape {expected}, got {tuple(kv.shape)}")
+        request = Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids)
+        request.append_output_token(first_token_id)
+        blocks = self.scheduler.add_prefilled_request(request)
+        if blocks is None:
+            return False
+        self.runner.write_blocks(blocks, kv)
+        tracked = self._track(request, None)
+        tracked.token_ids.append(first_token_id)
+        tracked.detokenizer.add_tokens([first_token_id])
+        tracked.text = tracked.detokenizer.output_text
+        return True
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self._tracked:

@@ -59,6 +59,8 @@ class Request:
         self.status = RequestStatus.WAITING
         # Chained hashes of the request's full blocks, filled in by the KV cache manager.
         self.block_hashes: list[bytes] = []
+        # A prefill instance keeps a finished request's blocks until its KV has been exported.
+        self.hold_kv_on_finish = False
 
     @property
     def num_tokens(self) -> int:

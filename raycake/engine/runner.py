@@ -198,6 +198,32 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Copy blocks out of the cache: [layers, 2, len(block_ids), P, K, Dh]."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return torch.stack([self._blocks(cache).index_select(1, index) for cache in self.kv_caches])
+
+    @torch.inference_mode()
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Fill blocks from a [layers, 2, len(block_ids), P, K, Dh] tensor (``read_blocks``'s)."""
+        expected = (
+            len(self.kv_caches),
+            2,
+            len(block_ids),
+            *self._blocks(self.kv_caches[0]).shape[2:],
+        )
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"kv: expected shape {expected}, got {tuple(kv.shape)}")
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        kv = kv.to(device=self.device, dtype=self.dtype)
+        for layer, cache in enumerate(self.kv_caches):
+            self._blocks(cache).index_copy_(1, index, kv[layer])
+
+    def _blocks(self, cache: torch.Tensor) -> torch.Tensor:
+        # [2, S, K, Dh] -> [2, N, P, K, Dh]
+        return cache.view(2, self.num_blocks, self.block_size, *cache.shape[2:])
+
+    @torch.inference_mode()
     def run_model(self, out: SchedulerOutput) -> tuple[StepInputs, torch.Tensor]:
         """Apply the step's deltas and run the model over its tokens: final hidden states [T, E]."""
         self._apply_deltas(out)
@@ -215,6 +241,14 @@ class ModelRunner:
         inputs, hidden = self.run_model(out)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         states = [self.requests[rid] for rid in inputs.sample_request_ids]
+        for state in states:
+            seed = state.sampling_params.seed
+            if seed is not None and not state.sampling_params.is_greedy:
+                # NOTE: a seeded draw depends only on (seed, sequence length), so the output is
+                # the same whatever the batch, and after a handoff from a prefill instance.
+                state.generator.manual_seed(
+                    (seed * 6364136223846793005 + len(state.token_ids)) % 2**63
+                )
         tokens = sample(logits, [s.sampling_params for s in states], [s.generator for s in states])
         for state, token in zip(states, tokens, strict=True):
             state.token_ids.append(token)

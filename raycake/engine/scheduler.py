@@ -58,6 +58,10 @@ class Scheduler:
         self._add_order: dict[str, int] = {}
         self._next_order = itertools.count()
         self._finished_ids: set[str] = set()  # finished since the last schedule()
+        # Finished requests whose blocks stay allocated until release_held_kv (KV export).
+        self.held: dict[str, Request] = {}
+        # Requests that arrived with their KV computed elsewhere; sent to the runner next step.
+        self._imported: list[Request] = []
         self.num_preemptions = 0
 
     # ---- admission -------------------------------------------------------------------------
@@ -87,6 +91,42 @@ class Scheduler:
         self.requests[rid] = request
         self._add_order[rid] = next(self._next_order)
         self.waiting.append(request)
+
+    def add_prefilled_request(self, request: Request) -> list[int] | None:
+        """Admit a request whose prompt KV was computed elsewhere (disaggregated prefill).
+
+        ``request`` carries its prompt and the first sampled token; its prompt tokens count as
+        computed. Returns the block ids the caller must fill with the prompt's KV before the
+        next step, or None (nothing changed) when the pool or max_num_seqs has no room yet.
+        """
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r}: a request with this id is already in flight")
+        if request.num_output_tokens != 1:
+            raise ValueError(
+                f"request {rid!r}: a prefilled request carries exactly its first sampled token, "
+                f"got {request.num_output_tokens}"
+            )
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        request.num_computed_tokens = 0
+        blocks = self.kv_cache.allocate_slots(request, request.num_prompt_tokens)
+        if blocks is None:
+            return None
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.status = RequestStatus.RUNNING
+        self.requests[rid] = request
+        self._add_order[rid] = next(self._next_order)
+        self.running.append(request)
+        self._imported.append(request)
+        self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
+        return blocks
+
+    def release_held_kv(self, request_id: str) -> None:
+        """Free the blocks of a finished request that held them for export."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.kv_cache.free(request)
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -145,6 +185,15 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
 
+        # NOTE: num_computed_tokens only advances in update_from_output, so it is still the
+        # count from before this step. Imported requests reach the runner whole (in
+        # new_requests), this step's blocks included.
+        imported_ids = {r.request_id for r in self._imported}
+        cached_requests = [
+            CachedRequestData(rid, blocks, self.requests[rid].num_computed_tokens)
+            for rid, blocks in new_blocks.items()
+            if rid not in imported_ids
+        ]
         new_requests = [
             NewRequestData(
                 request_id=r.request_id,
@@ -154,14 +203,9 @@ class Scheduler:
                 block_ids=self.kv_cache.block_ids(r.request_id),
                 num_computed_tokens=r.num_computed_tokens,
             )
-            for r in admitted
+            for r in [*self._imported, *admitted]
         ]
-        # NOTE: num_computed_tokens only advances in update_from_output, so it is still the
-        # count from before this step.
-        cached_requests = [
-            CachedRequestData(rid, blocks, self.requests[rid].num_computed_tokens)
-            for rid, blocks in new_blocks.items()
-        ]
+        self._imported = []
         finished_ids, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(
             new_requests=new_requests,
@@ -185,6 +229,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        if request in self._imported:
+            self._imported.remove(request)
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -263,7 +309,12 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-        self.kv_cache.free(request)
+        if request in self._imported:
+            self._imported.remove(request)
+        if request.hold_kv_on_finish and status != RequestStatus.FINISHED_ABORTED:
+            self.held[request.request_id] = request
+        else:
+            self.kv_cache.free(request)
         request.status = status
         del self.requests[request.request_id]
         del self._add_order[request.request_id]
@@ -309,9 +360,10 @@ class Scheduler:
             raise AssertionError(
                 f"queued {sorted(running | waiting)} but tracking {sorted(self.requests)}"
             )
-        if self.kv_cache.request_ids != running:
+        if self.kv_cache.request_ids != running | set(self.held):
             raise AssertionError(
                 f"block tables for {sorted(self.kv_cache.request_ids)}, running {sorted(running)}"
+                f", held {sorted(self.held)}"
             )
         if len(self.running) > self.config.max_num_seqs:
             raise AssertionError(f"{len(self.running)} running > max_num_seqs")
