@@ -1,4 +1,4 @@
-"""The ``raycake`` command line: generate | train."""
+"""The ``raycake`` command line: demo | serve | generate | train."""
 
 from __future__ import annotations
 
@@ -59,9 +59,122 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_cluster(config_path: str | None):
+    import ray
+
+    from raycake.cluster.cluster import Cluster
+    from raycake.config import ClusterConfig
+
+    config = ClusterConfig.from_file(config_path) if config_path else ClusterConfig()
+    if not ray.is_initialized():
+        # Join a running cluster (ray start / KubeRay / ray job submit) when there is one.
+        ray.init(
+            address=config.ray_address or _existing_cluster_address(), namespace=config.namespace
+        )
+    return Cluster(config)
+
+
+def _existing_cluster_address() -> str | None:
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    try:
+        ray.init(address="auto", namespace="raycake-probe")
+    except (ConnectionError, RuntimeError):
+        return None
+    ray.shutdown()
+    return "auto"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from raycake.cluster.workload import run_multi_turn
+
+    cluster = _start_cluster(args.config)
+    outputs, summary = run_multi_turn(
+        cluster, num_sessions=args.sessions, num_turns=args.turns, max_tokens=args.max_tokens
+    )
+    print(f"\nfirst answer: {outputs[0].text[:200]!r}")
+    print(
+        f"requests {summary.num_requests} (rejected {summary.num_rejected}, errors {summary.num_errors})"
+    )
+    print(
+        f"TTFT ms  p50 {summary.ttft_p50_ms:8.1f}  p90 {summary.ttft_p90_ms:8.1f}  "
+        f"p99 {summary.ttft_p99_ms:8.1f}"
+    )
+    print(
+        f"TBT ms   p50 {summary.tbt_p50_ms:8.1f}  p90 {summary.tbt_p90_ms:8.1f}  "
+        f"p99 {summary.tbt_p99_ms:8.1f}"
+    )
+    print(
+        f"prefix cache hit rate {summary.cache_hit_rate:.1%} "
+        f"({summary.cached_tokens}/{summary.prompt_tokens} prompt tokens; "
+        f"{summary.store_blocks} blocks from the KV store)"
+    )
+    print(f"KV bytes moved prefill -> decode {summary.kv_bytes:,}")
+    cluster.shutdown()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """JSON lines in ({"prompt": ..., "max_tokens": ..., ...}), JSON lines out, in order."""
+    import json
+
+    from raycake import SamplingParams
+
+    cluster = _start_cluster(args.config)
+    print(
+        json.dumps(
+            {"event": "ready", "prefill": list(cluster.prefill), "decode": list(cluster.decode)}
+        ),
+        flush=True,
+    )
+    for line_no, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+            prompt = body.pop("prompt")
+            params = SamplingParams(**body)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            print(json.dumps({"line": line_no, "error": f"bad request: {exc}"}), flush=True)
+            continue
+        out = cluster.generate([prompt], params)[0]
+        print(
+            json.dumps(
+                {
+                    "line": line_no,
+                    "text": out.text,
+                    "finish_reason": out.finish_reason,
+                    "error": out.error,
+                    "ttft_s": out.ttft_s,
+                    "num_cached_tokens": out.num_cached_tokens,
+                }
+            ),
+            flush=True,
+        )
+    cluster.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raycake", description="Ray-native LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="disaggregated cluster on local Ray: multi-turn workload, latency report"
+    )
+    demo.add_argument("--config", help="cluster YAML/JSON (default: 1 prefill, 1 decode, 2 shards)")
+    demo.add_argument("--sessions", type=int, default=6)
+    demo.add_argument("--turns", type=int, default=3)
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="bring the cluster up; JSON-lines requests on stdin")
+    serve.add_argument("--config", help="cluster YAML/JSON")
+    serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="complete a prompt with one local engine, streaming")
     gen.add_argument("prompt")

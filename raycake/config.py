@@ -380,3 +380,170 @@ class TrainConfig:
             str(SUPPORTED_DTYPES),
             self.save_dtype,
         )
+
+
+SCHEDULING_POLICY_NAMES = ("cache_aware", "least_loaded", "random", "round_robin")
+TRANSFER_BACKENDS = ("mooncake", "object_store", "ray_direct")
+TELEMETRY_EXPORTERS = ("none", "console", "memory", "otlp")
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    """The conductor's policy by name and its options; the cache-aware ones apply only to it."""
+
+    policy: str = "cache_aware"
+    # Cluster-wide SLOs the conductor stamps on requests that set none; None: no SLO.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+    # Fetch a longer store prefix only when it is over this many times the local one.
+    balance_threshold: float = 1.0
+    enable_early_rejection: bool = True
+    predictive_rejection: bool = False
+    use_store: bool = True
+    seed: int = 0  # for the random policy
+
+    def __post_init__(self) -> None:
+        _require(
+            self.policy in SCHEDULING_POLICY_NAMES,
+            "scheduling.policy",
+            f"one of {list(SCHEDULING_POLICY_NAMES)}",
+            self.policy,
+        )
+        for name in ("ttft_slo_s", "tbt_slo_s"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(
+                    isinstance(value, (int, float)) and value > 0,
+                    f"scheduling.{name}",
+                    "a number of seconds > 0",
+                    value,
+                )
+        _require(
+            isinstance(self.balance_threshold, (int, float))
+            and 1.0 <= self.balance_threshold < float("inf"),
+            "scheduling.balance_threshold",
+            "a finite number >= 1.0",
+            self.balance_threshold,
+        )
+        for name in ("enable_early_rejection", "predictive_rejection", "use_store"):
+            _require(
+                isinstance(getattr(self, name), bool),
+                f"scheduling.{name}",
+                "a bool",
+                getattr(self, name),
+            )
+        _require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "scheduling.seed",
+            "an integer",
+            self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Where request spans go: "none", "console", "memory" (tests), or "otlp"."""
+
+    exporter: str = "none"
+    otlp_endpoint: str | None = None  # e.g. http://collector:4318/v1/traces
+    service_name: str = "raycake"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.exporter in TELEMETRY_EXPORTERS,
+            "telemetry.exporter",
+            f"one of {list(TELEMETRY_EXPORTERS)}",
+            self.exporter,
+        )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A disaggregated deployment: prefill and decode instances, KV store shards, a conductor."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_store_shards: int = 2
+    store_capacity_bytes: int = 256 * 1024 * 1024  # per shard
+    transfer_backend: str = "object_store"
+    # Store -> instance bandwidth the conductor plans with (bytes/s).
+    transfer_bandwidth_bytes_per_s: float = 2e9
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    # Placement: GPUs per instance on a GPU cluster; on CPU a custom resource the autoscaler
+    # can provide (e.g. {"raycake_instance": 1}).
+    instance_num_gpus: float = 0.0
+    instance_num_cpus: float = 1.0
+    instance_resources: dict[str, float] = field(default_factory=dict)
+    # None: join the running Ray cluster if there is one, else start a local one.
+    ray_address: str | None = None
+    namespace: str = "raycake"
+    actor_max_restarts: int = 2
+    # A request whose decode or prefill instance dies is retried this many times.
+    request_max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefill", "num_decode"):
+            _positive_int(f"cluster.{name}", getattr(self, name))
+        _require(
+            isinstance(self.num_store_shards, int) and self.num_store_shards >= 0,
+            "cluster.num_store_shards",
+            "an integer >= 0 (0: no KV store)",
+            self.num_store_shards,
+        )
+        _positive_int("cluster.store_capacity_bytes", self.store_capacity_bytes)
+        _require(
+            self.transfer_backend in TRANSFER_BACKENDS,
+            "cluster.transfer_backend",
+            f"one of {list(TRANSFER_BACKENDS)}",
+            self.transfer_backend,
+        )
+        _require(
+            self.transfer_bandwidth_bytes_per_s > 0,
+            "cluster.transfer_bandwidth_bytes_per_s",
+            "> 0",
+            self.transfer_bandwidth_bytes_per_s,
+        )
+        for name in ("instance_num_gpus", "instance_num_cpus"):
+            _require(getattr(self, name) >= 0, f"cluster.{name}", ">= 0", getattr(self, name))
+        for name in ("actor_max_restarts", "request_max_retries"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 0, f"cluster.{name}", "an integer >= 0", value
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
+        """Build from parsed YAML/JSON; nested sections are dicts; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"cluster config: unknown field(s) {unknown}; expected {sorted(known)}"
+            )
+        kwargs = dict(data)
+        if "engine" in kwargs:
+            kwargs["engine"] = EngineConfig.from_dict(kwargs["engine"])
+        for key, cls_ in (("scheduling", SchedulingConfig), ("telemetry", TelemetryConfig)):
+            if key in kwargs:
+                sub_known = {f.name for f in fields(cls_)}
+                sub_unknown = sorted(set(kwargs[key]) - sub_known)
+                if sub_unknown:
+                    raise ValueError(f"cluster config: unknown field(s) {key}.{sub_unknown}")
+                kwargs[key] = cls_(**kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ClusterConfig:
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data)

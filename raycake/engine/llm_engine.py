@@ -35,6 +35,20 @@ class ExportedKV:
     num_tokens: int  # prompt tokens whose KV is in ``kv``
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step computed and how long it took: samples for an instance's cost model."""
+
+    num_tokens: int  # tokens computed
+    num_requests: int  # requests in the step (a pure decode step has one token each)
+    num_context_tokens: int  # tokens attended to: everything before the step plus the step
+    seconds: float
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_tokens == self.num_requests
+
+
 @dataclass
 class _TrackedRequest:
     """Output-side state of a request: text so far, stop-string matching, timing."""
@@ -73,6 +87,7 @@ class LLMEngine:
         self._tracked: dict[str, _TrackedRequest] = {}
         self._finished: dict[str, RequestOutput] = {}
         self._ids = itertools.count()
+        self.last_step: StepRecord | None = None
 
     @property
     def model_path(self) -> Path:
@@ -219,8 +234,19 @@ class LLMEngine:
 
     def step(self) -> list[StreamDelta]:
         """Run one step; return what each affected request produced."""
+        started = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
+        context = scheduler_output.total_num_scheduled_tokens + sum(
+            self.scheduler.requests[rid].num_computed_tokens
+            for rid in scheduler_output.num_scheduled_tokens
+        )
         runner_output = self.runner.execute(scheduler_output)
+        self.last_step = StepRecord(
+            num_tokens=scheduler_output.total_num_scheduled_tokens,
+            num_requests=len(scheduler_output.num_scheduled_tokens),
+            num_context_tokens=context,
+            seconds=time.perf_counter() - started,
+        )
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         now = time.monotonic()
         deltas = []
@@ -292,6 +318,11 @@ class LLMEngine:
     def pop_finished(self, request_id: str) -> RequestOutput:
         """The final output of a finished request (once; it is then forgotten)."""
         return self._finished.pop(request_id)
+
+    def pop_all_finished(self) -> list[RequestOutput]:
+        outputs = list(self._finished.values())
+        self._finished.clear()
+        return outputs
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -1,0 +1,206 @@
+"""Conductor: the global scheduler. Keeps which instance and which store shard hold which block
+hashes, and each instance's queue and load; asks the scheduling policy for a (prefill, decode)
+pair per request, or rejects it early. The decision itself lives in ``policies/scheduling.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raycake.actors.messages import InstanceLoad
+from raycake.policies.cost_model import StepCostModel
+from raycake.policies.scheduling import (
+    ClusterView,
+    DecodeInstanceView,
+    PrefillInstanceView,
+    Rejection,
+    RequestView,
+    ScheduleDecision,
+    SchedulingConfig,
+    scheduling_policy_from_config,
+)
+from raycake.transfer.block_store import BlockStore
+
+
+@dataclass
+class _InFlight:
+    prefill_id: str
+    decode_id: str
+    predicted_prefill_s: float
+    num_blocks: int  # KV blocks reserved on the decode instance
+    num_tokens: int  # prompt + max_tokens
+
+
+@dataclass
+class _DecodeState:
+    load: InstanceLoad
+    cost_model: StepCostModel
+    capacity_blocks: int
+    num_assigned: int = 0
+    reserved_blocks: int = 0
+    context_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ConductorStats:
+    scheduled: int
+    rejected: int
+    queued_prefill_seconds: dict[str, float]
+
+
+class Conductor:
+    def __init__(
+        self,
+        config: SchedulingConfig,
+        prefill_loads: list[InstanceLoad],
+        decode_loads: list[InstanceLoad],
+        block_size: int,
+        block_bytes: int,
+        store_capacity_blocks: int,
+        transfer_bandwidth_bytes_per_s: float,
+    ) -> None:
+        self.config = config
+        self.policy = scheduling_policy_from_config(config)
+        self.block_size = block_size
+        self.block_bytes = block_bytes
+        self.bandwidth = transfer_bandwidth_bytes_per_s
+        # Approximate per-instance prefix caches: an LRU of hashes as big as the instance's pool.
+        self._prefill_models = {
+            load.instance_id: StepCostModel.from_dict(load.cost_model or {})
+            for load in prefill_loads
+        }
+        self._prefill_index: dict[str, BlockStore[None]] = {
+            load.instance_id: BlockStore(max(1, load.free_kv_blocks)) for load in prefill_loads
+        }
+        self._queued_s = {load.instance_id: 0.0 for load in prefill_loads}
+        self._num_queued = {load.instance_id: 0 for load in prefill_loads}
+        self._store_index: BlockStore[None] | None = (
+            BlockStore(store_capacity_blocks) if store_capacity_blocks > 0 else None
+        )
+        self._decode = {
+            load.instance_id: _DecodeState(
+                load, StepCostModel.from_dict(load.cost_model or {}), load.free_kv_blocks
+            )
+            for load in decode_loads
+        }
+        self._in_flight: dict[str, _InFlight] = {}
+        self._scheduled = self._rejected = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def schedule(
+        self,
+        request_id: str,
+        block_hashes: list[bytes],
+        num_prompt_tokens: int,
+        max_tokens: int,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
+    ) -> ScheduleDecision | Rejection:
+        if request_id in self._in_flight:
+            raise ValueError(f"request_id: {request_id!r} is already scheduled")
+        store_prefix = self._store_index.prefix_length(block_hashes) if self._store_index else 0
+        request = RequestView(
+            request_id=request_id,
+            num_prompt_tokens=num_prompt_tokens,
+            block_size=self.block_size,
+            max_tokens=max_tokens,
+            store_prefix_blocks=store_prefix,
+            store_block_bytes=self.block_bytes,
+            ttft_slo_s=ttft_slo_s if ttft_slo_s is not None else self.config.ttft_slo_s,
+            tbt_slo_s=tbt_slo_s if tbt_slo_s is not None else self.config.tbt_slo_s,
+        )
+        cluster = ClusterView(
+            prefill=[
+                PrefillInstanceView(
+                    instance_id=iid,
+                    queued_prefill_seconds=self._queued_s[iid],
+                    num_queued=self._num_queued[iid],
+                    cost_model=self._prefill_models[iid],
+                    cached_prefix_blocks=index.prefix_length(block_hashes),
+                )
+                for iid, index in self._prefill_index.items()
+            ],
+            decode=[
+                DecodeInstanceView(
+                    instance_id=iid,
+                    num_running=state.num_assigned,
+                    max_num_seqs=state.load.max_num_seqs,
+                    total_context_tokens=state.context_tokens,
+                    free_kv_blocks=max(0, state.capacity_blocks - state.reserved_blocks),
+                    cost_model=state.cost_model,
+                )
+                for iid, state in self._decode.items()
+            ],
+            transfer_bandwidth_bytes_per_s=self.bandwidth,
+        )
+        decision = self.policy.schedule(request, cluster)
+        if isinstance(decision, Rejection):
+            self._rejected += 1
+            return decision
+        self._scheduled += 1
+        flight = _InFlight(
+            prefill_id=decision.prefill_instance_id,
+            decode_id=decision.decode_instance_id,
+            predicted_prefill_s=decision.predicted_prefill_s,
+            num_blocks=request.num_kv_blocks_needed,
+            num_tokens=num_prompt_tokens + max_tokens,
+        )
+        self._in_flight[request_id] = flight
+        self._queued_s[flight.prefill_id] += flight.predicted_prefill_s
+        self._num_queued[flight.prefill_id] += 1
+        decode = self._decode[flight.decode_id]
+        decode.num_assigned += 1
+        decode.reserved_blocks += flight.num_blocks
+        decode.context_tokens += flight.num_tokens
+        return decision
+
+    def prefill_done(self, request_id: str, block_hashes: list[bytes]) -> None:
+        """The prefill instance now caches these blocks, and the store received them."""
+        flight = self._in_flight.get(request_id)
+        if flight is None:
+            return
+        self._queued_s[flight.prefill_id] = max(
+            0.0, self._queued_s[flight.prefill_id] - flight.predicted_prefill_s
+        )
+        self._num_queued[flight.prefill_id] -= 1
+        flight.predicted_prefill_s = 0.0
+        index = self._prefill_index[flight.prefill_id]
+        for h in block_hashes:
+            index.put(h, None, 1)
+            if self._store_index is not None:
+                self._store_index.put(h, None, 1)
+
+    def request_done(self, request_id: str) -> None:
+        """Finished, failed or aborted: release what the request held in the conductor's books."""
+        flight = self._in_flight.pop(request_id, None)
+        if flight is None:
+            return
+        if flight.predicted_prefill_s:
+            self._queued_s[flight.prefill_id] = max(
+                0.0, self._queued_s[flight.prefill_id] - flight.predicted_prefill_s
+            )
+            self._num_queued[flight.prefill_id] -= 1
+        decode = self._decode[flight.decode_id]
+        decode.num_assigned -= 1
+        decode.reserved_blocks -= flight.num_blocks
+        decode.context_tokens -= flight.num_tokens
+
+    def forget_instance_caches(self) -> None:
+        """The prefill instances dropped their local prefix caches."""
+        for index in self._prefill_index.values():
+            index.clear()
+
+    def update_cost_model(self, load: InstanceLoad) -> None:
+        """An instance reports a recalibrated cost model."""
+        if load.cost_model is None:
+            return
+        model = StepCostModel.from_dict(load.cost_model)
+        if load.instance_id in self._prefill_models:
+            self._prefill_models[load.instance_id] = model
+        elif load.instance_id in self._decode:
+            self._decode[load.instance_id].cost_model = model
+
+    def stats(self) -> ConductorStats:
+        return ConductorStats(self._scheduled, self._rejected, dict(self._queued_s))

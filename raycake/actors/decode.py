@@ -1,0 +1,84 @@
+"""DecodeInstance: continuous batching over requests whose KV arrived from prefill instances.
+
+A plain class with async methods; ``cluster/`` makes it a Ray actor (an async actor, so on
+uvloop when installed). ``generate`` is an async generator: Ray streams its deltas to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from raycake.actors.calibration import calibrate
+from raycake.actors.engine_loop import EngineLoop
+from raycake.actors.messages import DecodeWork, InstanceLoad
+from raycake.config import EngineConfig, TelemetryConfig
+from raycake.engine.llm_engine import LLMEngine
+from raycake.engine.request_output import StreamDelta
+from raycake.telemetry import Telemetry
+from raycake.transfer import make_kv_transfer
+
+# How long an arrived request waits for KV blocks to free up before it fails.
+ADMISSION_TIMEOUT_S = 60.0
+
+
+class DecodeInstance:
+    def __init__(
+        self,
+        instance_id: str,
+        engine_config: EngineConfig,
+        transfer_backend: str = "object_store",
+        telemetry: TelemetryConfig | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.engine = LLMEngine(engine_config)
+        self.loop = EngineLoop(self.engine)
+        self.transfer = make_kv_transfer(transfer_backend)
+        self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
+        self.cost_model = calibrate(self.engine)
+
+    def ready(self) -> str:
+        return self.instance_id
+
+    async def generate(self, work: DecodeWork) -> AsyncIterator[StreamDelta]:
+        """Fetch the prompt's KV, join the running batch, stream deltas until finished."""
+        with self.telemetry.span("transfer", work.trace_context, instance=self.instance_id):
+            kv = await asyncio.to_thread(self.transfer.fetch, work.kv_handle)
+        deadline = asyncio.get_running_loop().time() + ADMISSION_TIMEOUT_S
+        while not self.engine.add_prefilled_request(
+            work.request_id, work.prompt_token_ids, work.first_token_id, work.sampling_params, kv
+        ):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(
+                    f"request {work.request_id!r}: no KV blocks free on {self.instance_id} "
+                    f"within {ADMISSION_TIMEOUT_S:.0f} s"
+                )
+            await asyncio.sleep(0.002)  # back-pressure: wait for running requests to finish
+        queue = self.loop.subscribe(work.request_id)
+        try:
+            with self.telemetry.span("decode", work.trace_context, instance=self.instance_id):
+                while True:
+                    delta = await queue.get()
+                    if isinstance(delta, Exception):
+                        raise delta
+                    yield delta
+                    if delta.finished:
+                        self.engine.pop_finished(work.request_id)
+                        return
+        finally:
+            # A caller that goes away must not leave its request decoding.
+            self.loop.unsubscribe(work.request_id)
+
+    def finished_spans(self) -> list[dict]:
+        return self.telemetry.finished_spans()
+
+    def load(self) -> InstanceLoad:
+        stats = self.engine.stats()
+        return InstanceLoad(
+            instance_id=self.instance_id,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            free_kv_blocks=self.engine.scheduler.kv_cache.num_free_blocks,
+            max_num_seqs=self.engine.config.scheduler.max_num_seqs,
+            cost_model=self.cost_model.to_dict(),
+        )

@@ -1,0 +1,170 @@
+"""PrefillInstance: computes a prompt's KV (reusing local and store prefix blocks), hands it on.
+
+A plain class with async methods; ``cluster/`` makes it a Ray actor. Its engine is a scheduler
+whose requests stop after the first token and keep their KV until it has been exported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from raycake.actors.calibration import calibrate, samples_from_steps
+from raycake.actors.engine_loop import EngineLoop
+from raycake.actors.kv_store import shard_for_block
+from raycake.actors.messages import InstanceLoad, PrefillResult, PrefillWork
+from raycake.config import EngineConfig, TelemetryConfig
+from raycake.engine.llm_engine import LLMEngine
+from raycake.policies.cost_model import StepCostModel
+from raycake.telemetry import Telemetry
+from raycake.transfer import make_kv_transfer
+from raycake.transfer.wire import KVBlockHeader, pack_kv, unpack_kv
+
+
+class PrefillInstance:
+    def __init__(
+        self,
+        instance_id: str,
+        engine_config: EngineConfig,
+        transfer_backend: str = "object_store",
+        store_shards: list[Any] | None = None,
+        telemetry: TelemetryConfig | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.engine = LLMEngine(engine_config)
+        self.loop = EngineLoop(self.engine)
+        self.transfer = make_kv_transfer(transfer_backend)
+        self.store_shards = list(store_shards or [])
+        self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
+        self.cost_model = calibrate(self.engine)
+
+    def ready(self) -> str:
+        return self.instance_id
+
+    async def prefill(self, work: PrefillWork) -> PrefillResult:
+        started = time.perf_counter()
+        with self.telemetry.span("prefill", work.trace_context, instance=self.instance_id):
+            hashes = self.engine.prefix_block_hashes(work.prompt_token_ids)
+            local = self.engine.num_cached_prefix_blocks(hashes)
+            from_store = 0
+            if self.store_shards and work.fetch_from_store_blocks > local:
+                from_store = await self._fetch_from_store(
+                    hashes[local : work.fetch_from_store_blocks]
+                )
+            rid = self.engine.add_request(
+                work.prompt_token_ids,
+                replace(work.sampling_params, max_tokens=1),
+                request_id=work.request_id,
+                hold_kv=True,
+            )
+            queue = self.loop.subscribe(rid)
+            while not (await queue.get()).finished:
+                pass
+            output = self.engine.pop_finished(rid)
+            try:
+                exported = self.engine.export_kv(rid)
+                header, payload = pack_kv(exported.kv, exported.block_hashes, exported.num_tokens)
+                handle = None
+                if _continues(work, output.token_ids[0], output.finish_reason):
+                    handle = self.transfer.publish(header, payload)
+                self._publish_to_store(exported.kv, exported.block_hashes)
+            finally:
+                self.engine.release_kv(rid)
+        finish = None if handle is not None else _real_finish_reason(work, output.token_ids[0])
+        return PrefillResult(
+            request_id=work.request_id,
+            instance_id=self.instance_id,
+            first_token_id=output.token_ids[0],
+            finish_reason=finish,
+            kv_handle=handle,
+            block_hashes=hashes,
+            num_cached_tokens=output.num_cached_tokens,
+            num_store_blocks=from_store,
+            kv_bytes=header.nbytes if handle is not None else 0,
+            seconds=time.perf_counter() - started,
+        )
+
+    async def _fetch_from_store(self, hashes: list[bytes]) -> int:
+        """Read the leading run of ``hashes`` from the shards into the local prefix cache."""
+        by_shard: dict[int, list[bytes]] = {}
+        for h in hashes:
+            by_shard.setdefault(shard_for_block(h, len(self.store_shards)), []).append(h)
+        # One call per shard, all in flight at once.
+        replies = await asyncio.gather(
+            *(self.store_shards[s].get_prefix.remote(hs) for s, hs in by_shard.items())
+        )
+        found = {block.block_hash: block for reply in replies for block in reply}
+        run = []
+        for h in hashes:
+            if h not in found:
+                break
+            run.append(found[h])
+        if not run:
+            return 0
+        arrays = await asyncio.gather(*(block.ref[0] for block in run))
+        blocks = [
+            unpack_kv(KVBlockHeader.from_msgpack(block.header), array)
+            for block, array in zip(run, arrays, strict=True)
+        ]
+        kv = torch.cat(blocks, dim=2)  # [layers, 2, n, P, K, Dh]
+        return self.engine.import_prefix_blocks([b.block_hash for b in run], kv)
+
+    def _publish_to_store(self, kv: torch.Tensor, block_hashes: list[bytes]) -> None:
+        """Send every full block to its shard; shards keep one copy of each (fire and forget)."""
+        if not self.store_shards or not block_hashes:
+            return
+        by_shard: dict[int, list[tuple[bytes, bytes, Any]]] = {}
+        for i, h in enumerate(block_hashes):
+            header, payload = pack_kv(kv[:, :, i : i + 1], [h], kv.shape[3])
+            shard = shard_for_block(h, len(self.store_shards))
+            by_shard.setdefault(shard, []).append((h, header.to_msgpack(), payload))
+        for shard, blocks in by_shard.items():
+            self.store_shards[shard].put.remote(blocks)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget locally cached blocks (the KV store keeps its copies)."""
+        self.engine.scheduler.kv_cache.reset_prefix_cache()
+
+    def finished_spans(self) -> list[dict]:
+        return self.telemetry.finished_spans()
+
+    def load(self) -> InstanceLoad:
+        stats = self.engine.stats()
+        return InstanceLoad(
+            instance_id=self.instance_id,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            free_kv_blocks=self.engine.scheduler.kv_cache.num_free_blocks,
+            max_num_seqs=self.engine.config.scheduler.max_num_seqs,
+            cost_model=self.current_cost_model().to_dict(),
+        )
+
+    def current_cost_model(self) -> StepCostModel:
+        """Refit from recent real steps when they cover enough shapes; else the start-up fit."""
+        prefill, decode = samples_from_steps(self.loop.steps)
+        try:
+            return StepCostModel.fit(prefill, decode) if prefill and decode else self.cost_model
+        except ValueError:
+            return self.cost_model
+
+
+def _real_finish_reason(work: PrefillWork, first_token: int) -> str | None:
+    params = work.sampling_params
+    if first_token in params.stop_token_ids:
+        return "stop"
+    return "length" if params.max_tokens == 1 else "stop"
+
+
+def _continues(work: PrefillWork, first_token: int, finish_reason: str | None) -> bool:
+    """Whether decoding goes on after the first token under the request's real parameters."""
+    params = work.sampling_params
+    # The prefill engine ran with max_tokens=1, so "length" only means it produced its token.
+    return (
+        finish_reason == "length"
+        and params.max_tokens > 1
+        and first_token not in (params.stop_token_ids)
+    )

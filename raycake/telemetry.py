@@ -1,0 +1,115 @@
+"""OpenTelemetry spans that follow a request across actors, and Ray metrics for the dashboard.
+
+Spans: each stage (conductor, prefill, transfer, decode) opens a span whose parent comes from a
+W3C trace-context dict carried in the actor messages, so one request is one trace. Exporter by
+config: "none", "console", "memory" (kept in the process, for tests and ``finished_spans``) or
+"otlp" (needs the opentelemetry-exporter-otlp package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from raycake.config import TelemetryConfig
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class Telemetry:
+    """One per process (driver or actor): a tracer under its own provider, no global state."""
+
+    def __init__(self, config: TelemetryConfig, component: str) -> None:
+        self.config = config
+        self._memory: InMemorySpanExporter | None = None
+        self._tracer = None
+        if config.exporter == "none":
+            return
+        from opentelemetry.sdk.resources import Resource
+
+        provider = TracerProvider(
+            resource=Resource.create(
+                {"service.name": config.service_name, "raycake.component": component}
+            )
+        )
+        if config.exporter == "console":
+            exporter: Any = ConsoleSpanExporter()
+        elif config.exporter == "memory":
+            exporter = self._memory = InMemorySpanExporter()
+        else:
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            except ImportError as exc:
+                raise ValueError(
+                    "telemetry.exporter: 'otlp' needs `pip install opentelemetry-exporter-otlp`"
+                ) from exc
+            exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        self._tracer = provider.get_tracer("raycake")
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        return cls(TelemetryConfig(), "disabled")
+
+    @contextlib.contextmanager
+    def span(
+        self, name: str, parent: dict[str, str] | None = None, **attributes: Any
+    ) -> Iterator[dict[str, str]]:
+        """Open a span under ``parent`` (a trace-context dict); yields this span's context dict."""
+        if self._tracer is None:
+            yield dict(parent or {})
+            return
+        context = _PROPAGATOR.extract(parent or {})
+        with self._tracer.start_as_current_span(
+            name, context=context, attributes=attributes
+        ) as span:
+            carrier: dict[str, str] = {}
+            _PROPAGATOR.inject(
+                carrier, set_span_in_context(NonRecordingSpan(span.get_span_context()))
+            )
+            yield carrier
+
+    def finished_spans(self) -> list[dict[str, Any]]:
+        """Spans recorded by the "memory" exporter, as plain dicts."""
+        if self._memory is None:
+            return []
+        return [
+            {
+                "name": s.name,
+                "trace_id": format(s.context.trace_id, "032x"),
+                "span_id": format(s.context.span_id, "016x"),
+                "parent_id": None if s.parent is None else format(s.parent.span_id, "016x"),
+                "attributes": dict(s.attributes or {}),
+            }
+            for s in self._memory.get_finished_spans()
+        ]
+
+
+class ClusterMetrics:
+    """``ray.util.metrics`` series (exported as ``ray_raycake_*`` to Prometheus / the dashboard)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        ms = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+        self.ttft_ms = Histogram("raycake_ttft_ms", "Time to first token", boundaries=ms)
+        self.tbt_ms = Histogram("raycake_tbt_ms", "Time between tokens", boundaries=ms[:8])
+        self.queue_length = Gauge(
+            "raycake_queue_length", "Requests waiting or running", tag_keys=("instance",)
+        )
+        self.prompt_tokens = Counter("raycake_prompt_tokens", "Prompt tokens served")
+        self.cached_tokens = Counter("raycake_cached_prompt_tokens", "Prompt tokens from caches")
+        self.kv_bytes = Counter("raycake_kv_bytes_transferred", "KV bytes prefill -> decode")
+        self.rejections = Counter(
+            "raycake_rejections", "Requests rejected early", tag_keys=("reason",)
+        )
