@@ -21,6 +21,9 @@ from raycake.policies.scheduling import (
 )
 from raycake.transfer.block_store import BlockStore
 
+# Weight of each new store-read measurement in the conductor's bandwidth estimate.
+BANDWIDTH_EWMA = 0.3
+
 
 @dataclass
 class _InFlight:
@@ -46,6 +49,7 @@ class ConductorStats:
     scheduled: int
     rejected: int
     queued_prefill_seconds: dict[str, float]
+    transfer_bandwidth_bytes_per_s: float
 
 
 class Conductor:
@@ -156,8 +160,18 @@ class Conductor:
         decode.context_tokens += flight.num_tokens
         return decision
 
-    def prefill_done(self, request_id: str, block_hashes: list[bytes]) -> None:
+    def prefill_done(
+        self,
+        request_id: str,
+        block_hashes: list[bytes],
+        store_fetch_bytes: int = 0,
+        store_fetch_seconds: float = 0.0,
+    ) -> None:
         """The prefill instance now caches these blocks, and the store received them."""
+        if store_fetch_bytes and store_fetch_seconds > 0:
+            # Plan with the bandwidth store reads really get (per-call costs included).
+            measured = store_fetch_bytes / store_fetch_seconds
+            self.bandwidth = (1 - BANDWIDTH_EWMA) * self.bandwidth + BANDWIDTH_EWMA * measured
         flight = self._in_flight.get(request_id)
         if flight is None:
             return
@@ -203,4 +217,4 @@ class Conductor:
             self._decode[load.instance_id].cost_model = model
 
     def stats(self) -> ConductorStats:
-        return ConductorStats(self._scheduled, self._rejected, dict(self._queued_s))
+        return ConductorStats(self._scheduled, self._rejected, dict(self._queued_s), self.bandwidth)

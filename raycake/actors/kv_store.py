@@ -65,6 +65,16 @@ class KVStoreShard:
             for h, (header, ref) in zip(block_hashes, found, strict=False)
         ]
 
+    def read_prefix(self, block_hashes: list[bytes]) -> list[tuple[bytes, bytes, np.ndarray]]:
+        """Like ``get_prefix`` but with the blocks' bytes in the reply: one round trip for the
+        whole run instead of one fetch per block (blocks are small; the reply is not)."""
+        found = self._store.get_prefix(block_hashes)
+        arrays = ray.get([ref for _, ref in found])
+        return [
+            (h, header, array)
+            for h, (header, _), array in zip(block_hashes, found, arrays, strict=False)
+        ]
+
     def contains(self, block_hashes: list[bytes]) -> list[bool]:
         return [h in self._store for h in block_hashes]
 

@@ -34,6 +34,8 @@ class PrefillResult:
     block_hashes: list[bytes]  # the prompt's full blocks, now cached on this instance
     num_cached_tokens: int  # prompt tokens not computed: local prefix cache + KV store
     num_store_blocks: int  # of those blocks, how many came from the store
+    store_fetch_bytes: int  # bytes read from the store for this request
+    store_fetch_seconds: float  # wall time of that read (the conductor's bandwidth estimate)
     kv_bytes: int  # bytes of KV handed to the decode instance
     seconds: float  # wall time on the instance
 

@@ -19,6 +19,7 @@ from raycake.actors.kv_store import shard_for_block
 from raycake.actors.messages import InstanceLoad, PrefillResult, PrefillWork
 from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
+from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.policies.cost_model import StepCostModel
 from raycake.telemetry import Telemetry
 from raycake.transfer import make_kv_transfer
@@ -41,6 +42,10 @@ class PrefillInstance:
         self.store_shards = list(store_shards or [])
         self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
         self.cost_model = calibrate(self.engine)
+        self._background: set[asyncio.Task] = set()
+        self._block_bytes = kv_cache_bytes_per_block(
+            self.engine.model_config, engine_config.cache.block_size, self.engine.runner.dtype
+        )
 
     def ready(self) -> str:
         return self.instance_id
@@ -50,11 +55,13 @@ class PrefillInstance:
         with self.telemetry.span("prefill", work.trace_context, instance=self.instance_id):
             hashes = self.engine.prefix_block_hashes(work.prompt_token_ids)
             local = self.engine.num_cached_prefix_blocks(hashes)
-            from_store = 0
+            from_store, fetch_seconds = 0, 0.0
             if self.store_shards and work.fetch_from_store_blocks > local:
+                fetch_started = time.perf_counter()
                 from_store = await self._fetch_from_store(
                     hashes[local : work.fetch_from_store_blocks]
                 )
+                fetch_seconds = time.perf_counter() - fetch_started
             rid = self.engine.add_request(
                 work.prompt_token_ids,
                 replace(work.sampling_params, max_tokens=1),
@@ -71,7 +78,13 @@ class PrefillInstance:
                 handle = None
                 if _continues(work, output.token_ids[0], output.finish_reason):
                     handle = self.transfer.publish(header, payload)
-                self._publish_to_store(exported.kv, exported.block_hashes)
+                if self.store_shards and exported.block_hashes:
+                    # Off the request's critical path: the export is a copy, free to outlive it.
+                    task = asyncio.get_running_loop().create_task(
+                        self._publish_to_store(exported.kv, exported.block_hashes)
+                    )
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
             finally:
                 self.engine.release_kv(rid)
         finish = None if handle is not None else _real_finish_reason(work, output.token_ids[0])
@@ -84,6 +97,8 @@ class PrefillInstance:
             block_hashes=hashes,
             num_cached_tokens=output.num_cached_tokens,
             num_store_blocks=from_store,
+            store_fetch_bytes=from_store * self._block_bytes,
+            store_fetch_seconds=fetch_seconds,
             kv_bytes=header.nbytes if handle is not None else 0,
             seconds=time.perf_counter() - started,
         )
@@ -93,40 +108,48 @@ class PrefillInstance:
         by_shard: dict[int, list[bytes]] = {}
         for h in hashes:
             by_shard.setdefault(shard_for_block(h, len(self.store_shards)), []).append(h)
-        # One call per shard, all in flight at once.
+        # One call per shard, all in flight at once; each reply carries its blocks' bytes.
         replies = await asyncio.gather(
-            *(self.store_shards[s].get_prefix.remote(hs) for s, hs in by_shard.items())
+            *(self.store_shards[s].read_prefix.remote(hs) for s, hs in by_shard.items())
         )
-        found = {block.block_hash: block for reply in replies for block in reply}
+        found = {h: (header, array) for reply in replies for h, header, array in reply}
         run = []
         for h in hashes:
             if h not in found:
                 break
-            run.append(found[h])
+            run.append(h)
         if not run:
             return 0
-        arrays = await asyncio.gather(*(block.ref[0] for block in run))
-        blocks = [
-            unpack_kv(KVBlockHeader.from_msgpack(block.header), array)
-            for block, array in zip(run, arrays, strict=True)
-        ]
+        blocks = [unpack_kv(KVBlockHeader.from_msgpack(found[h][0]), found[h][1]) for h in run]
         kv = torch.cat(blocks, dim=2)  # [layers, 2, n, P, K, Dh]
-        return self.engine.import_prefix_blocks([b.block_hash for b in run], kv)
+        return self.engine.import_prefix_blocks(run, kv)
 
-    def _publish_to_store(self, kv: torch.Tensor, block_hashes: list[bytes]) -> None:
-        """Send every full block to its shard; shards keep one copy of each (fire and forget)."""
-        if not self.store_shards or not block_hashes:
-            return
-        by_shard: dict[int, list[tuple[bytes, bytes, Any]]] = {}
+    async def _publish_to_store(self, kv: torch.Tensor, block_hashes: list[bytes]) -> None:
+        """Send the full blocks the store lacks to their shards (shards keep one copy each)."""
+        num_shards = len(self.store_shards)
+        by_shard: dict[int, list[int]] = {}
         for i, h in enumerate(block_hashes):
-            header, payload = pack_kv(kv[:, :, i : i + 1], [h], kv.shape[3])
-            shard = shard_for_block(h, len(self.store_shards))
-            by_shard.setdefault(shard, []).append((h, header.to_msgpack(), payload))
-        for shard, blocks in by_shard.items():
-            self.store_shards[shard].put.remote(blocks)
+            by_shard.setdefault(shard_for_block(h, num_shards), []).append(i)
+        shards = list(by_shard)
+        held = await asyncio.gather(
+            *(
+                self.store_shards[s].contains.remote([block_hashes[i] for i in by_shard[s]])
+                for s in shards
+            )
+        )
+        for shard, present in zip(shards, held, strict=True):
+            blocks = []
+            for i, is_present in zip(by_shard[shard], present, strict=True):
+                if not is_present:
+                    header, payload = pack_kv(kv[:, :, i : i + 1], [block_hashes[i]], kv.shape[3])
+                    blocks.append((block_hashes[i], header.to_msgpack(), payload))
+            if blocks:
+                await self.store_shards[shard].put.remote(blocks)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget locally cached blocks (the KV store keeps its copies)."""
+    async def reset_prefix_cache(self) -> None:
+        """Forget locally cached blocks, once the KV store holds every block published."""
+        if self._background:
+            await asyncio.gather(*self._background)
         self.engine.scheduler.kv_cache.reset_prefix_cache()
 
     def finished_spans(self) -> list[dict]:

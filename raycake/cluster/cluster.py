@@ -32,7 +32,6 @@ from raycake.model.tokenizer import Tokenizer
 from raycake.policies.scheduling import Rejection
 from raycake.telemetry import ClusterMetrics, Telemetry
 
-
 # How long a retry waits for a restarting instance (its engine loads and calibrates).
 INSTANCE_RESTART_TIMEOUT_S = 60.0
 
@@ -229,7 +228,12 @@ class Cluster:
                 trace,
             )
         )
-        await self.conductor.prefill_done.remote(out.request_id, result.block_hashes)
+        await self.conductor.prefill_done.remote(
+            out.request_id,
+            result.block_hashes,
+            result.store_fetch_bytes,
+            result.store_fetch_seconds,
+        )
         now = time.monotonic()
         known = len(out.token_ids)  # tokens the caller already has from an earlier attempt
         out.num_cached_tokens = result.num_cached_tokens

@@ -103,9 +103,9 @@ def test_early_rejection_under_an_impossible_slo(ray_session):  # noqa: F811
 
 
 def test_bad_cluster_config_names_the_field():
-    with pytest.raises(ValueError, match="cluster.num_prefill"):
+    with pytest.raises(ValueError, match=r"cluster\.num_prefill"):
         ClusterConfig(num_prefill=0)
-    with pytest.raises(ValueError, match="cluster.transfer_backend"):
+    with pytest.raises(ValueError, match=r"cluster\.transfer_backend"):
         ClusterConfig(transfer_backend="carrier-pigeon")
-    with pytest.raises(ValueError, match="scheduling.policy"):
+    with pytest.raises(ValueError, match=r"scheduling\.policy"):
         ClusterConfig.from_dict({"scheduling": {"policy": "fastest"}})
