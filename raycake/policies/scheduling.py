@@ -1,0 +1,557 @@
+"""Which prefill and decode instance serve a request, or whether to reject it: the conductor's policy.
+
+A policy reads plain snapshots of the cluster (``ClusterView``) and of one request
+(``RequestView``) and returns a ``ScheduleDecision`` or a ``Rejection``. It never changes the
+views; the only state it keeps is its own (a random generator, a round-robin position). The
+conductor actor and the trace simulator drive the very same objects, chosen by name
+(``scheduling_policy``). ``CacheAwareScheduler`` follows Mooncake's conductor (FAST'25,
+Algorithm 1); the others are the baselines it was compared with.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from raycake.policies.cost_model import StepCostModel, transfer_seconds
+
+
+def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+def _count(field_name: str, value: Any, minimum: int = 0) -> None:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    _require(is_int and value >= minimum, field_name, f"an integer >= {minimum}", value)
+
+
+def _seconds(field_name: str, value: Any, *, allow_zero: bool) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    _require(ok, field_name, "a finite number " + (">= 0" if allow_zero else "> 0"), value)
+
+
+# --- What a policy sees -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefillInstanceView:
+    instance_id: str
+    # Estimated seconds of prefill work already queued (including the running chunk's remainder).
+    queued_prefill_seconds: float
+    num_queued: int
+    cost_model: StepCostModel
+    # Leading blocks of THIS request's prompt that the instance holds in its local prefix cache.
+    cached_prefix_blocks: int
+
+    def __post_init__(self) -> None:
+        where = f"prefill instance {self.instance_id!r}"
+        _seconds(f"{where}.queued_prefill_seconds", self.queued_prefill_seconds, allow_zero=True)
+        _count(f"{where}.num_queued", self.num_queued)
+        _count(f"{where}.cached_prefix_blocks", self.cached_prefix_blocks)
+        _require(
+            isinstance(self.cost_model, StepCostModel),
+            f"{where}.cost_model",
+            "a StepCostModel",
+            self.cost_model,
+        )
+
+
+@dataclass(frozen=True)
+class DecodeInstanceView:
+    instance_id: str
+    # Requests decoding here or assigned here and still in prefill: the conductor counts a
+    # request from the moment it is scheduled, so loads on their way are not missed.
+    num_running: int
+    max_num_seqs: int
+    total_context_tokens: int
+    # Blocks neither in use nor reserved for assigned requests.
+    free_kv_blocks: int
+    cost_model: StepCostModel
+    # Expected tokens still to generate per running request (from max_tokens or a length
+    # predictor); None: unknown, and the predictive load estimate falls back to the current load.
+    mean_remaining_tokens: float | None = None
+
+    def __post_init__(self) -> None:
+        where = f"decode instance {self.instance_id!r}"
+        _count(f"{where}.num_running", self.num_running)
+        _count(f"{where}.max_num_seqs", self.max_num_seqs, minimum=1)
+        _count(f"{where}.total_context_tokens", self.total_context_tokens)
+        _count(f"{where}.free_kv_blocks", self.free_kv_blocks)
+        _require(
+            isinstance(self.cost_model, StepCostModel),
+            f"{where}.cost_model",
+            "a StepCostModel",
+            self.cost_model,
+        )
+        if self.mean_remaining_tokens is not None:
+            _seconds(f"{where}.mean_remaining_tokens", self.mean_remaining_tokens, allow_zero=False)
+
+
+@dataclass(frozen=True)
+class RequestView:
+    request_id: str
+    num_prompt_tokens: int
+    block_size: int
+    max_tokens: int
+    # Leading blocks of the prompt available in the global KV store, and each block's size.
+    store_prefix_blocks: int = 0
+    store_block_bytes: int = 0
+    # None: no SLO of that kind for this request (the conductor stamps the cluster's defaults).
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+
+    def __post_init__(self) -> None:
+        where = f"request {self.request_id!r}"
+        _count(f"{where}.num_prompt_tokens", self.num_prompt_tokens, minimum=1)
+        _count(f"{where}.block_size", self.block_size, minimum=1)
+        _count(f"{where}.max_tokens", self.max_tokens, minimum=1)
+        _count(f"{where}.store_prefix_blocks", self.store_prefix_blocks)
+        _count(f"{where}.store_block_bytes", self.store_block_bytes)
+        for name in ("ttft_slo_s", "tbt_slo_s"):
+            if getattr(self, name) is not None:
+                _seconds(f"{where}.{name}", getattr(self, name), allow_zero=False)
+
+    @property
+    def num_prompt_blocks(self) -> int:
+        """Full blocks of the prompt."""
+        return self.num_prompt_tokens // self.block_size
+
+    @property
+    def num_reusable_prefix_blocks(self) -> int:
+        """The most prompt blocks a cache hit can cover: at least one token is computed to get the
+        first output token's logits (as in engine/kv_cache.py)."""
+        return (self.num_prompt_tokens - 1) // self.block_size
+
+    @property
+    def num_kv_blocks_needed(self) -> int:
+        """Blocks a decode instance must have free for the prompt and ``max_tokens`` outputs."""
+        return -(-(self.num_prompt_tokens + self.max_tokens) // self.block_size)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    prefill: Sequence[PrefillInstanceView]
+    decode: Sequence[DecodeInstanceView]
+    # Sustained store -> prefill instance bandwidth for KV blocks.
+    transfer_bandwidth_bytes_per_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("prefill", "decode"):
+            instances = getattr(self, name)
+            _require(len(instances) > 0, f"cluster.{name}", f"at least one {name} instance", [])
+            ids = [instance.instance_id for instance in instances]
+            _require(len(set(ids)) == len(ids), f"cluster.{name}", "unique instance ids", ids)
+        _seconds(
+            "cluster.transfer_bandwidth_bytes_per_s",
+            self.transfer_bandwidth_bytes_per_s,
+            allow_zero=False,
+        )
+
+
+# --- What a policy returns --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleDecision:
+    prefill_instance_id: str
+    decode_instance_id: str
+    # Leading blocks the prefill instance fetches from the store instead of recomputing; they
+    # follow the blocks it holds locally.
+    fetch_from_store_blocks: int
+    predicted_ttft_s: float
+    predicted_tbt_s: float
+    # Seconds of work (fetch + compute) this request adds to the prefill instance's queue: the
+    # conductor adds it to that instance's queued_prefill_seconds.
+    predicted_prefill_s: float
+
+
+@dataclass(frozen=True)
+class Rejection:
+    # Which SLO or resource failed, with the predicted and allowed numbers.
+    reason: str
+    predicted_ttft_s: float
+    # None when no decode instance could take the request.
+    predicted_tbt_s: float | None
+
+
+@runtime_checkable
+class SchedulingPolicy(Protocol):
+    """Chooses a (prefill, decode) pair for a request, or rejects it.
+
+    Contract: ``schedule`` reads the views and never changes them; it may update only the
+    policy's own state. ``cluster`` holds at least one instance of each kind (``ClusterView``
+    checks on construction).
+    """
+
+    name: str
+
+    def schedule(
+        self, request: RequestView, cluster: ClusterView
+    ) -> ScheduleDecision | Rejection: ...
+
+
+# --- Estimates shared by the policies (and by the simulator) --------------------------------
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """How one prefill instance would serve a request, and when its first token would come."""
+
+    instance_id: str
+    fetch_from_store_blocks: int
+    queue_s: float
+    transfer_s: float
+    compute_s: float
+
+    @property
+    def predicted_prefill_s(self) -> float:
+        return self.transfer_s + self.compute_s
+
+    @property
+    def predicted_ttft_s(self) -> float:
+        return self.queue_s + self.transfer_s + self.compute_s
+
+
+def plan_prefill(
+    request: RequestView,
+    instance: PrefillInstanceView,
+    bandwidth_bytes_per_s: float,
+    *,
+    use_store: bool = True,
+    balance_threshold: float = 1.0,
+) -> PrefillPlan:
+    """Recompute what the instance lacks locally, or fetch the store's longer prefix first.
+
+    The fetch is considered only when the store's prefix is more than ``balance_threshold``
+    times the local one (any length over an empty local cache), and taken only when it predicts
+    an earlier first token. The fetched blocks stay in the instance's prefix cache, so a hot
+    prefix gets replicated wherever its requests are sent (Mooncake's KV-cache balancing).
+    NOTE: fetching all of the store's extra blocks or none is optimal: recomputing a block costs
+    more the later it sits (attention), while fetching one costs the same anywhere.
+    """
+    block_size, num_tokens = request.block_size, request.num_prompt_tokens
+    local = min(instance.cached_prefix_blocks, request.num_reusable_prefix_blocks)
+    store = min(request.store_prefix_blocks, request.num_reusable_prefix_blocks)
+    cost = instance.cost_model
+    recompute = PrefillPlan(
+        instance_id=instance.instance_id,
+        fetch_from_store_blocks=0,
+        queue_s=instance.queued_prefill_seconds,
+        transfer_s=0.0,
+        compute_s=cost.prefill_seconds(num_tokens - local * block_size, local * block_size),
+    )
+    if not use_store or store <= local or store <= balance_threshold * local:
+        return recompute
+    fetch = PrefillPlan(
+        instance_id=instance.instance_id,
+        fetch_from_store_blocks=store - local,
+        queue_s=instance.queued_prefill_seconds,
+        transfer_s=transfer_seconds(
+            (store - local) * request.store_block_bytes, bandwidth_bytes_per_s
+        ),
+        compute_s=cost.prefill_seconds(num_tokens - store * block_size, store * block_size),
+    )
+    return fetch if fetch.predicted_ttft_s < recompute.predicted_ttft_s else recompute
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """A decode instance's batch, current or predicted (hence fractional)."""
+
+    num_running: float
+    total_context_tokens: float
+
+
+def predict_decode_load(instance: DecodeInstanceView, horizon_s: float) -> DecodeLoad:
+    """The load ``instance`` is expected to carry ``horizon_s`` from now.
+
+    Running requests' remaining lengths are taken as spread evenly over
+    [0, 2 * mean_remaining_tokens], so within k decode steps a fraction k / (2 * mean) of them
+    finishes; survivors keep their share of the context and grow by one token per step. Steps
+    are timed at the current load, which errs towards less drain (steps speed up as the batch
+    shrinks). Requests assigned in the meantime are not modelled: the conductor counts them
+    in ``num_running`` once scheduled.
+    """
+    if horizon_s <= 0 or instance.num_running == 0 or instance.mean_remaining_tokens is None:
+        return DecodeLoad(instance.num_running, instance.total_context_tokens)
+    step_s = instance.cost_model.decode_step_seconds(
+        instance.num_running, instance.total_context_tokens
+    )
+    if step_s == 0:
+        return DecodeLoad(0.0, 0.0)
+    num_steps = horizon_s / step_s
+    surviving_fraction = max(0.0, 1.0 - num_steps / (2 * instance.mean_remaining_tokens))
+    num_surviving = instance.num_running * surviving_fraction
+    return DecodeLoad(
+        num_running=num_surviving,
+        total_context_tokens=instance.total_context_tokens * surviving_fraction
+        + num_surviving * num_steps,
+    )
+
+
+def predict_tbt(request: RequestView, instance: DecodeInstanceView, load: DecodeLoad) -> float:
+    """The decode step time once the request joins ``load`` with its prompt as context."""
+    return instance.cost_model.decode_step_seconds(
+        load.num_running + 1, load.total_context_tokens + request.num_prompt_tokens
+    )
+
+
+def _decide(
+    request: RequestView,
+    cluster: ClusterView,
+    prefill: PrefillInstanceView,
+    decode: DecodeInstanceView,
+) -> ScheduleDecision:
+    """The baselines' decision: no store fetches; predictions from current loads."""
+    plan = plan_prefill(request, prefill, cluster.transfer_bandwidth_bytes_per_s, use_store=False)
+    load = predict_decode_load(decode, horizon_s=0.0)
+    return ScheduleDecision(
+        prefill_instance_id=prefill.instance_id,
+        decode_instance_id=decode.instance_id,
+        fetch_from_store_blocks=0,
+        predicted_ttft_s=plan.predicted_ttft_s,
+        predicted_tbt_s=predict_tbt(request, decode, load),
+        predicted_prefill_s=plan.predicted_prefill_s,
+    )
+
+
+# --- Policies ---------------------------------------------------------------------------------
+
+
+class RandomScheduler:
+    """Uniformly random prefill and decode instances; never rejects."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def schedule(self, request: RequestView, cluster: ClusterView) -> ScheduleDecision:
+        prefill = self._rng.choice(cluster.prefill)
+        decode = self._rng.choice(cluster.decode)
+        return _decide(request, cluster, prefill, decode)
+
+
+class RoundRobinScheduler:
+    """The next prefill and decode instance in list order; never rejects."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def schedule(self, request: RequestView, cluster: ClusterView) -> ScheduleDecision:
+        prefill = cluster.prefill[self._next % len(cluster.prefill)]
+        decode = cluster.decode[self._next % len(cluster.decode)]
+        self._next += 1
+        return _decide(request, cluster, prefill, decode)
+
+
+class LeastLoadedScheduler:
+    """The prefill instance with the least queued work and the decode instance with the lowest
+    batch occupancy (ties: the first listed); ignores caches; never rejects."""
+
+    name = "least_loaded"
+
+    def schedule(self, request: RequestView, cluster: ClusterView) -> ScheduleDecision:
+        prefill = min(cluster.prefill, key=lambda p: p.queued_prefill_seconds)
+        decode = min(cluster.decode, key=lambda d: d.num_running / d.max_num_seqs)
+        return _decide(request, cluster, prefill, decode)
+
+
+class CacheAwareScheduler:
+    """Mooncake's conductor (FAST'25, Algorithm 1) over plain views.
+
+    1. Prefill: for each instance, TTFT = queued work + fetching the store's longer prefix when
+       that pays (``plan_prefill``) + computing the rest; the minimum wins (ties: first listed).
+       Queued work counts against a prefix holder, so a stream of requests sharing a hot prefix
+       moves on to other instances once the holder's queue exceeds what its cache saves; those
+       fetch the prefix (``fetch_from_store_blocks > 0``) and become holders in turn, instead of
+       all traffic herding onto the first holder.
+    2. Decode: among instances with a free batch slot and free KV blocks for the prompt plus
+       ``max_tokens``, the lowest predicted TBT (``predict_tbt``; ties: first listed).
+    3. Early rejection (``enable_early_rejection``): reject when the predicted TTFT or TBT
+       exceeds the request's SLO, or no decode instance has room. With ``predictive_rejection``
+       the decode load (batch, context, free slots) is the one predicted for when this request's
+       prefill finishes (``predict_decode_load``) rather than the current one: rejecting on
+       current load makes prefill and decode loads oscillate, and prediction damps it (Mooncake,
+       arXiv version). Free KV blocks are always those free now, since they must be reserved.
+       Without early rejection, a request that no decode instance has room for goes to the one
+       with the lowest predicted TBT and waits there.
+
+    ``use_store=False`` restricts prefixes to instance-local caches (the paper's "local
+    cache-aware" variant).
+    """
+
+    name = "cache_aware"
+
+    def __init__(
+        self,
+        *,
+        balance_threshold: float = 1.0,
+        enable_early_rejection: bool = True,
+        predictive_rejection: bool = False,
+        use_store: bool = True,
+    ) -> None:
+        _require(
+            isinstance(balance_threshold, (int, float)) and 1.0 <= balance_threshold < math.inf,
+            "balance_threshold",
+            "a finite number >= 1.0",
+            balance_threshold,
+        )
+        self.balance_threshold = float(balance_threshold)
+        self.enable_early_rejection = enable_early_rejection
+        self.predictive_rejection = predictive_rejection
+        self.use_store = use_store
+
+    def schedule(self, request: RequestView, cluster: ClusterView) -> ScheduleDecision | Rejection:
+        plan = min(
+            (
+                plan_prefill(
+                    request,
+                    instance,
+                    cluster.transfer_bandwidth_bytes_per_s,
+                    use_store=self.use_store,
+                    balance_threshold=self.balance_threshold,
+                )
+                for instance in cluster.prefill
+            ),
+            key=lambda candidate: candidate.predicted_ttft_s,
+        )
+        ttft = plan.predicted_ttft_s
+        horizon_s = ttft if self.predictive_rejection else 0.0
+        candidates: list[tuple[float, DecodeInstanceView]] = []
+        with_room: list[tuple[float, DecodeInstanceView]] = []
+        for instance in cluster.decode:
+            load = predict_decode_load(instance, horizon_s)
+            candidate = (predict_tbt(request, instance, load), instance)
+            candidates.append(candidate)
+            if (
+                instance.free_kv_blocks >= request.num_kv_blocks_needed
+                and load.num_running + 1 <= instance.max_num_seqs
+            ):
+                with_room.append(candidate)
+        best = min(with_room, key=lambda c: c[0]) if with_room else None
+
+        if self.enable_early_rejection:
+            reasons = []
+            if request.ttft_slo_s is not None and ttft > request.ttft_slo_s:
+                reasons.append(
+                    f"TTFT SLO: predicted TTFT {ttft:.4g} s on {plan.instance_id!r} "
+                    f"> ttft_slo_s {request.ttft_slo_s:.4g} s"
+                )
+            if best is None:
+                most_free = max(cluster.decode, key=lambda d: d.free_kv_blocks)
+                reasons.append(
+                    f"decode capacity: no decode instance has a free batch slot and "
+                    f"{request.num_kv_blocks_needed} free KV blocks for {request.num_prompt_tokens} "
+                    f"prompt + {request.max_tokens} max tokens (most free: "
+                    f"{most_free.free_kv_blocks} on {most_free.instance_id!r})"
+                )
+            elif request.tbt_slo_s is not None and best[0] > request.tbt_slo_s:
+                reasons.append(
+                    f"TBT SLO: predicted TBT {best[0]:.4g} s on {best[1].instance_id!r} "
+                    f"> tbt_slo_s {request.tbt_slo_s:.4g} s"
+                )
+            if reasons:
+                return Rejection(
+                    reason="; ".join(reasons),
+                    predicted_ttft_s=ttft,
+                    predicted_tbt_s=None if best is None else best[0],
+                )
+        if best is None:
+            best = min(candidates, key=lambda c: c[0])
+        return ScheduleDecision(
+            prefill_instance_id=plan.instance_id,
+            decode_instance_id=best[1].instance_id,
+            fetch_from_store_blocks=plan.fetch_from_store_blocks,
+            predicted_ttft_s=ttft,
+            predicted_tbt_s=best[0],
+            predicted_prefill_s=plan.predicted_prefill_s,
+        )
+
+
+SCHEDULING_POLICIES: dict[str, type[SchedulingPolicy]] = {
+    "random": RandomScheduler,
+    "round_robin": RoundRobinScheduler,
+    "least_loaded": LeastLoadedScheduler,
+    "cache_aware": CacheAwareScheduler,
+}
+
+
+def make_scheduling_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
+    """A fresh policy by its config name; ``kwargs`` go to its constructor."""
+    try:
+        cls = SCHEDULING_POLICIES[name]
+    except KeyError:
+        raise ValueError(
+            f"scheduling_policy: expected one of {sorted(SCHEDULING_POLICIES)}, got {name!r}"
+        ) from None
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    """The conductor's policy by name and its options; the cache-aware ones apply only to it."""
+
+    policy: str = "cache_aware"
+    # Cluster-wide SLOs the conductor stamps on requests that set none; None: no SLO.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+    # Fetch a longer store prefix only when it is over this many times the local one.
+    balance_threshold: float = 1.0
+    enable_early_rejection: bool = True
+    predictive_rejection: bool = False
+    use_store: bool = True
+    # Seeds RandomScheduler.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.policy in SCHEDULING_POLICIES,
+            "scheduling.policy",
+            f"one of {sorted(SCHEDULING_POLICIES)}",
+            self.policy,
+        )
+        for name in ("ttft_slo_s", "tbt_slo_s"):
+            if getattr(self, name) is not None:
+                _seconds(f"scheduling.{name}", getattr(self, name), allow_zero=False)
+        _require(
+            isinstance(self.balance_threshold, (int, float))
+            and 1.0 <= self.balance_threshold < math.inf,
+            "scheduling.balance_threshold",
+            "a finite number >= 1.0",
+            self.balance_threshold,
+        )
+        for name in ("enable_early_rejection", "predictive_rejection", "use_store"):
+            _require(
+                isinstance(getattr(self, name), bool),
+                f"scheduling.{name}",
+                "a bool",
+                getattr(self, name),
+            )
+        _require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "scheduling.seed",
+            "an integer",
+            self.seed,
+        )
+
+
+def scheduling_policy_from_config(config: SchedulingConfig) -> SchedulingPolicy:
+    """A fresh policy with the options that apply to it."""
+    if config.policy == "random":
+        return RandomScheduler(seed=config.seed)
+    if config.policy == "cache_aware":
+        return CacheAwareScheduler(
+            balance_threshold=config.balance_threshold,
+            enable_early_rejection=config.enable_early_rejection,
+            predictive_rejection=config.predictive_rejection,
+            use_store=config.use_store,
+        )
+    return make_scheduling_policy(config.policy)

@@ -1,0 +1,91 @@
+"""KV transfer through Ray's object store (the default backend).
+
+publish ``ray.put``s the payload as a numpy array: one copy into shared memory, after which the
+caller's buffer is no longer read. fetch ``ray.get``s it: zero-copy (a read-only view of shared
+memory) on the same node, one network copy otherwise. numpy, not torch: Ray copies torch tensors
+on get (about 25x slower for 64 MiB between actors, see shared/NOTES-ray.md).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import ray
+import torch
+
+from raycake.transfer.base import KVHandle, check_handle, check_sent_header
+from raycake.transfer.wire import KVBlockHeader, KVTransferError, check_payload, unpack_kv
+
+
+class ObjectStoreTransfer:
+    """``owner``: an actor handle (e.g. a KVStoreShard) that owns every object this instance
+    publishes, so the blocks outlive the publishing actor; by default the publisher owns them.
+
+    NOTE: Ray 2.56 removed ``ray.put(..., _owner=...)`` (ray-project/ray#63520: it now raises
+    ValueError), so the owner itself puts the payload (through ``__ray_call__``, a Ray
+    DeveloperAPI): one actor call and one extra copy of the payload per publish. Ownership
+    decides only who may die: Ray still frees the object once no handle copy remains anywhere,
+    so the owner (e.g. a store shard indexing the blocks) keeps the handles it wants kept.
+    """
+
+    name = "object_store"
+
+    def __init__(self, owner: ray.actor.ActorHandle | None = None, timeout_s: float = 60.0):
+        self.owner = owner
+        self.timeout_s = timeout_s
+        # transfer_id -> ObjectRef: the sender's reference, held until release.
+        self._published: dict[str, ray.ObjectRef] = {}
+
+    def publish(self, header: KVBlockHeader, payload: np.ndarray | torch.Tensor) -> KVHandle:
+        check_payload(header, payload)
+        if isinstance(payload, torch.Tensor):
+            # Keep the header's typed layout (bfloat16 travels as its uint16 bits).
+            payload = payload.detach().cpu().contiguous()
+            if payload.dtype == torch.bfloat16:
+                payload = payload.view(torch.uint16)
+            payload = payload.numpy()
+        header_bytes = header.to_msgpack()
+        value = (header_bytes, payload)  # numpy inside a tuple is still stored zero-copy
+        if self.owner is None:
+            ref = ray.put(value)
+        else:
+            [ref] = ray.get(
+                self.owner.__ray_call__.remote(_put_as_owner, value), timeout=self.timeout_s
+            )
+        transfer_id = uuid.uuid4().hex
+        self._published[transfer_id] = ref
+        return KVHandle(self.name, transfer_id, header_bytes, locator=ref)
+
+    def fetch(self, handle: KVHandle) -> torch.Tensor:
+        header = check_handle(handle, self.name)
+        if not isinstance(handle.locator, ray.ObjectRef):
+            raise KVTransferError(
+                f"locator: expected an ObjectRef, got {type(handle.locator).__name__}"
+            )
+        try:
+            value = ray.get(handle.locator, timeout=self.timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as exc:
+            raise KVTransferError(
+                f"object_store: fetch of {handle.transfer_id} failed: {exc}"
+            ) from exc
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise KVTransferError(f"payload: expected (header, array), got {type(value).__name__}")
+        sent_header, payload = value
+        check_sent_header(handle, sent_header)
+        if not isinstance(payload, np.ndarray):
+            raise KVTransferError(f"payload: expected a numpy array, got {type(payload).__name__}")
+        return unpack_kv(header, payload)
+
+    def release(self, handle: KVHandle) -> None:
+        self._published.pop(handle.transfer_id, None)
+
+    @property
+    def num_published(self) -> int:
+        return len(self._published)
+
+
+def _put_as_owner(owner: object, value: object) -> list[ray.ObjectRef]:
+    """Runs on the owner actor: whoever calls ray.put owns the object. The list keeps Ray from
+    resolving the returned ref, so the publisher borrows it."""
+    return [ray.put(value)]
