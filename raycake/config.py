@@ -413,9 +413,9 @@ class SchedulingConfig:
             value = getattr(self, name)
             if value is not None:
                 _require(
-                    isinstance(value, (int, float)) and value > 0,
+                    isinstance(value, (int, float)) and 0 < value < float("inf"),
                     f"scheduling.{name}",
-                    "a number of seconds > 0",
+                    "a finite number > 0 (seconds)",
                     value,
                 )
         _require(

@@ -12,188 +12,21 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from raycake.policies.cost_model import StepCostModel, transfer_seconds
-
-
-def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
-
-
-def _count(field_name: str, value: Any, minimum: int = 0) -> None:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    _require(is_int and value >= minimum, field_name, f"an integer >= {minimum}", value)
-
-
-def _seconds(field_name: str, value: Any, *, allow_zero: bool) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = is_number and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    _require(ok, field_name, "a finite number " + (">= 0" if allow_zero else "> 0"), value)
-
-
-# --- What a policy sees -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrefillInstanceView:
-    instance_id: str
-    # Estimated seconds of prefill work already queued (including the running chunk's remainder).
-    queued_prefill_seconds: float
-    num_queued: int
-    cost_model: StepCostModel
-    # Leading blocks of THIS request's prompt that the instance holds in its local prefix cache.
-    cached_prefix_blocks: int
-
-    def __post_init__(self) -> None:
-        where = f"prefill instance {self.instance_id!r}"
-        _seconds(f"{where}.queued_prefill_seconds", self.queued_prefill_seconds, allow_zero=True)
-        _count(f"{where}.num_queued", self.num_queued)
-        _count(f"{where}.cached_prefix_blocks", self.cached_prefix_blocks)
-        _require(
-            isinstance(self.cost_model, StepCostModel),
-            f"{where}.cost_model",
-            "a StepCostModel",
-            self.cost_model,
-        )
-
-
-@dataclass(frozen=True)
-class DecodeInstanceView:
-    instance_id: str
-    # Requests decoding here or assigned here and still in prefill: the conductor counts a
-    # request from the moment it is scheduled, so loads on their way are not missed.
-    num_running: int
-    max_num_seqs: int
-    total_context_tokens: int
-    # Blocks neither in use nor reserved for assigned requests.
-    free_kv_blocks: int
-    cost_model: StepCostModel
-    # Expected tokens still to generate per running request (from max_tokens or a length
-    # predictor); None: unknown, and the predictive load estimate falls back to the current load.
-    mean_remaining_tokens: float | None = None
-
-    def __post_init__(self) -> None:
-        where = f"decode instance {self.instance_id!r}"
-        _count(f"{where}.num_running", self.num_running)
-        _count(f"{where}.max_num_seqs", self.max_num_seqs, minimum=1)
-        _count(f"{where}.total_context_tokens", self.total_context_tokens)
-        _count(f"{where}.free_kv_blocks", self.free_kv_blocks)
-        _require(
-            isinstance(self.cost_model, StepCostModel),
-            f"{where}.cost_model",
-            "a StepCostModel",
-            self.cost_model,
-        )
-        if self.mean_remaining_tokens is not None:
-            _seconds(f"{where}.mean_remaining_tokens", self.mean_remaining_tokens, allow_zero=False)
-
-
-@dataclass(frozen=True)
-class RequestView:
-    request_id: str
-    num_prompt_tokens: int
-    block_size: int
-    max_tokens: int
-    # Leading blocks of the prompt available in the global KV store, and each block's size.
-    store_prefix_blocks: int = 0
-    store_block_bytes: int = 0
-    # None: no SLO of that kind for this request (the conductor stamps the cluster's defaults).
-    ttft_slo_s: float | None = None
-    tbt_slo_s: float | None = None
-
-    def __post_init__(self) -> None:
-        where = f"request {self.request_id!r}"
-        _count(f"{where}.num_prompt_tokens", self.num_prompt_tokens, minimum=1)
-        _count(f"{where}.block_size", self.block_size, minimum=1)
-        _count(f"{where}.max_tokens", self.max_tokens, minimum=1)
-        _count(f"{where}.store_prefix_blocks", self.store_prefix_blocks)
-        _count(f"{where}.store_block_bytes", self.store_block_bytes)
-        for name in ("ttft_slo_s", "tbt_slo_s"):
-            if getattr(self, name) is not None:
-                _seconds(f"{where}.{name}", getattr(self, name), allow_zero=False)
-
-    @property
-    def num_prompt_blocks(self) -> int:
-        """Full blocks of the prompt."""
-        return self.num_prompt_tokens // self.block_size
-
-    @property
-    def num_reusable_prefix_blocks(self) -> int:
-        """The most prompt blocks a cache hit can cover: at least one token is computed to get the
-        first output token's logits (as in engine/kv_cache.py)."""
-        return (self.num_prompt_tokens - 1) // self.block_size
-
-    @property
-    def num_kv_blocks_needed(self) -> int:
-        """Blocks a decode instance must have free for the prompt and ``max_tokens`` outputs."""
-        return -(-(self.num_prompt_tokens + self.max_tokens) // self.block_size)
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    prefill: Sequence[PrefillInstanceView]
-    decode: Sequence[DecodeInstanceView]
-    # Sustained store -> prefill instance bandwidth for KV blocks.
-    transfer_bandwidth_bytes_per_s: float
-
-    def __post_init__(self) -> None:
-        for name in ("prefill", "decode"):
-            instances = getattr(self, name)
-            _require(len(instances) > 0, f"cluster.{name}", f"at least one {name} instance", [])
-            ids = [instance.instance_id for instance in instances]
-            _require(len(set(ids)) == len(ids), f"cluster.{name}", "unique instance ids", ids)
-        _seconds(
-            "cluster.transfer_bandwidth_bytes_per_s",
-            self.transfer_bandwidth_bytes_per_s,
-            allow_zero=False,
-        )
-
-
-# --- What a policy returns --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScheduleDecision:
-    prefill_instance_id: str
-    decode_instance_id: str
-    # Leading blocks the prefill instance fetches from the store instead of recomputing; they
-    # follow the blocks it holds locally.
-    fetch_from_store_blocks: int
-    predicted_ttft_s: float
-    predicted_tbt_s: float
-    # Seconds of work (fetch + compute) this request adds to the prefill instance's queue: the
-    # conductor adds it to that instance's queued_prefill_seconds.
-    predicted_prefill_s: float
-
-
-@dataclass(frozen=True)
-class Rejection:
-    # Which SLO or resource failed, with the predicted and allowed numbers.
-    reason: str
-    predicted_ttft_s: float
-    # None when no decode instance could take the request.
-    predicted_tbt_s: float | None
-
-
-@runtime_checkable
-class SchedulingPolicy(Protocol):
-    """Chooses a (prefill, decode) pair for a request, or rejects it.
-
-    Contract: ``schedule`` reads the views and never changes them; it may update only the
-    policy's own state. ``cluster`` holds at least one instance of each kind (``ClusterView``
-    checks on construction).
-    """
-
-    name: str
-
-    def schedule(
-        self, request: RequestView, cluster: ClusterView
-    ) -> ScheduleDecision | Rejection: ...
-
+from raycake.config import SchedulingConfig
+from raycake.policies.cluster_view import (
+    ClusterView,
+    DecodeInstanceView,
+    PrefillInstanceView,
+    Rejection,
+    RequestView,
+    ScheduleDecision,
+    SchedulingPolicy,
+    require_field,
+)
+from raycake.policies.cost_model import transfer_seconds
 
 # --- Estimates shared by the policies (and by the simulator) --------------------------------
 
@@ -398,7 +231,7 @@ class CacheAwareScheduler:
         predictive_rejection: bool = False,
         use_store: bool = True,
     ) -> None:
-        _require(
+        require_field(
             isinstance(balance_threshold, (int, float)) and 1.0 <= balance_threshold < math.inf,
             "balance_threshold",
             "a finite number >= 1.0",
@@ -493,54 +326,6 @@ def make_scheduling_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
             f"scheduling_policy: expected one of {sorted(SCHEDULING_POLICIES)}, got {name!r}"
         ) from None
     return cls(**kwargs)
-
-
-@dataclass(frozen=True)
-class SchedulingConfig:
-    """The conductor's policy by name and its options; the cache-aware ones apply only to it."""
-
-    policy: str = "cache_aware"
-    # Cluster-wide SLOs the conductor stamps on requests that set none; None: no SLO.
-    ttft_slo_s: float | None = None
-    tbt_slo_s: float | None = None
-    # Fetch a longer store prefix only when it is over this many times the local one.
-    balance_threshold: float = 1.0
-    enable_early_rejection: bool = True
-    predictive_rejection: bool = False
-    use_store: bool = True
-    # Seeds RandomScheduler.
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _require(
-            self.policy in SCHEDULING_POLICIES,
-            "scheduling.policy",
-            f"one of {sorted(SCHEDULING_POLICIES)}",
-            self.policy,
-        )
-        for name in ("ttft_slo_s", "tbt_slo_s"):
-            if getattr(self, name) is not None:
-                _seconds(f"scheduling.{name}", getattr(self, name), allow_zero=False)
-        _require(
-            isinstance(self.balance_threshold, (int, float))
-            and 1.0 <= self.balance_threshold < math.inf,
-            "scheduling.balance_threshold",
-            "a finite number >= 1.0",
-            self.balance_threshold,
-        )
-        for name in ("enable_early_rejection", "predictive_rejection", "use_store"):
-            _require(
-                isinstance(getattr(self, name), bool),
-                f"scheduling.{name}",
-                "a bool",
-                getattr(self, name),
-            )
-        _require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool),
-            "scheduling.seed",
-            "an integer",
-            self.seed,
-        )
 
 
 def scheduling_policy_from_config(config: SchedulingConfig) -> SchedulingPolicy:

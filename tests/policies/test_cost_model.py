@@ -25,7 +25,9 @@ TRUE = StepCostModel(
     decode_per_context_token_s=2e-6,
 )
 PREFILL_POINTS = [(new, cached) for new in (64, 256, 1024, 4096) for cached in (0, 512, 2048)]
-DECODE_POINTS = [(batch, batch * per_seq) for batch in (1, 8, 32, 64) for per_seq in (128, 1024, 4096)]
+DECODE_POINTS = [
+    (batch, batch * per_seq) for batch in (1, 8, 32, 64) for per_seq in (128, 1024, 4096)
+]
 
 
 def _samples(model: StepCostModel, noise: float = 0.0, repeats: int = 1, seed: int = 0):
@@ -124,7 +126,9 @@ def test_sample_and_coefficient_validation_names_the_field():
         PrefillSample(0, 0, 0.1)
     with pytest.raises(ValueError, match=r"DecodeSample.batch_size: expected an integer >= 1"):
         DecodeSample(0, 0, 0.1)
-    with pytest.raises(ValueError, match=r"cost_model.decode_per_seq_s: expected a finite number >= 0"):
+    with pytest.raises(
+        ValueError, match=r"cost_model.decode_per_seq_s: expected a finite number >= 0"
+    ):
         StepCostModel(**{**TRUE.to_dict(), "decode_per_seq_s": -1e-4})
     with pytest.raises(ValueError, match=r"bandwidth_bytes_per_s: expected a finite number > 0"):
         transfer_seconds(1e6, 0)

@@ -1,0 +1,15 @@
+"""config.py validates policy names without importing policies: the two lists must agree."""
+
+from __future__ import annotations
+
+from raycake.config import SCHEDULING_POLICY_NAMES, SchedulingConfig
+from raycake.policies.scheduling import SCHEDULING_POLICIES, scheduling_policy_from_config
+
+
+def test_config_names_every_registered_policy():
+    assert set(SCHEDULING_POLICY_NAMES) == set(SCHEDULING_POLICIES)
+
+
+def test_every_name_builds_its_policy():
+    for name in SCHEDULING_POLICY_NAMES:
+        assert scheduling_policy_from_config(SchedulingConfig(policy=name)).name == name
