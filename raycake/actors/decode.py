@@ -17,12 +17,13 @@ from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.request_output import StreamDelta
 from raycake.telemetry import Telemetry
 from raycake.transfer import make_kv_transfer
+from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
 
 # How long an arrived request waits for KV blocks to free up before it fails.
 ADMISSION_TIMEOUT_S = 60.0
 
 
-class DecodeInstance:
+class DecodeInstance(RayDirectKVEndpoint):
     def __init__(
         self,
         instance_id: str,
@@ -33,7 +34,9 @@ class DecodeInstance:
         self.instance_id = instance_id
         self.engine = LLMEngine(engine_config)
         self.loop = EngineLoop(self.engine)
-        self.transfer = make_kv_transfer(transfer_backend)
+        self.transfer = make_kv_transfer(
+            transfer_backend, **transfer_options(transfer_backend, self)
+        )
         self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
         self.cost_model = calibrate(self.engine)
 

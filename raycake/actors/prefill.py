@@ -22,11 +22,12 @@ from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.policies.cost_model import StepCostModel
 from raycake.telemetry import Telemetry
-from raycake.transfer import make_kv_transfer
+from raycake.transfer import KVHandle, make_kv_transfer
+from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
 from raycake.transfer.wire import KVBlockHeader, pack_kv, unpack_kv
 
 
-class PrefillInstance:
+class PrefillInstance(RayDirectKVEndpoint):
     def __init__(
         self,
         instance_id: str,
@@ -38,7 +39,9 @@ class PrefillInstance:
         self.instance_id = instance_id
         self.engine = LLMEngine(engine_config)
         self.loop = EngineLoop(self.engine)
-        self.transfer = make_kv_transfer(transfer_backend)
+        self.transfer = make_kv_transfer(
+            transfer_backend, **transfer_options(transfer_backend, self)
+        )
         self.store_shards = list(store_shards or [])
         self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
         self.cost_model = calibrate(self.engine)
@@ -145,6 +148,10 @@ class PrefillInstance:
                     blocks.append((block_hashes[i], header.to_msgpack(), payload))
             if blocks:
                 await self.store_shards[shard].put.remote(blocks)
+
+    def release(self, handle: KVHandle) -> None:
+        """The decode instance has the KV (or the request is over): free the published copy."""
+        self.transfer.release(handle)
 
     async def reset_prefix_cache(self) -> None:
         """Forget locally cached blocks, once the KV store holds every block published."""

@@ -31,6 +31,7 @@ from raycake.model.loader import DTYPES, read_model_config, resolve_model_path
 from raycake.model.tokenizer import Tokenizer
 from raycake.policies.scheduling import Rejection
 from raycake.telemetry import ClusterMetrics, Telemetry
+from raycake.transfer.ray_direct import RAY_DIRECT_ACTOR_OPTIONS, connect_ray_direct
 
 # How long a retry waits for a restarting instance (its engine loads and calibrates).
 INSTANCE_RESTART_TIMEOUT_S = 60.0
@@ -93,10 +94,18 @@ class Cluster:
             .remote(i, config.store_capacity_bytes)
             for i in range(config.num_store_shards)
         ]
+        direct = config.transfer_backend == "ray_direct"
+        # The instances compose RayDirectKVEndpoint, whose methods name concurrency groups;
+        # Ray Direct Transport also needs tensor transport enabled on the class.
+        class_options = dict(RAY_DIRECT_ACTOR_OPTIONS)
+        if not direct:
+            del class_options["enable_tensor_transport"]
+        prefill_cls = ray.remote(**class_options)(PrefillInstance)
+        decode_cls = ray.remote(**class_options)(DecodeInstance)
         self.prefill = {
-            f"prefill-{i}": ray.remote(PrefillInstance)
-            .options(**_actor_options(config, f"raycake-prefill-{i}"))
-            .remote(
+            f"prefill-{i}": prefill_cls.options(
+                **_actor_options(config, f"raycake-prefill-{i}")
+            ).remote(
                 f"prefill-{i}",
                 config.engine,
                 config.transfer_backend,
@@ -106,9 +115,9 @@ class Cluster:
             for i in range(config.num_prefill)
         }
         self.decode = {
-            f"decode-{i}": ray.remote(DecodeInstance)
-            .options(**_actor_options(config, f"raycake-decode-{i}"))
-            .remote(
+            f"decode-{i}": decode_cls.options(
+                **_actor_options(config, f"raycake-decode-{i}")
+            ).remote(
                 f"decode-{i}",
                 config.engine,
                 config.transfer_backend,
@@ -117,6 +126,11 @@ class Cluster:
             for i in range(config.num_decode)
         }
         prefill_loads = ray.get([a.load.remote() for a in self.prefill.values()])
+        self._rdt_coordinator = None
+        if direct:
+            self._rdt_coordinator = connect_ray_direct(
+                [*self.prefill.values(), *self.decode.values()]
+            )
         decode_loads = ray.get([a.load.remote() for a in self.decode.values()])
         block_bytes = kv_cache_bytes_per_block(
             model_config, self.block_size, DTYPES[config.engine.dtype]
@@ -266,8 +280,18 @@ class Cluster:
         # The decode instance streams the text of every token from the first one on (it
         # detokenizes with stop strings); a retry rebuilds the same text from scratch.
         out.text = ""
+        try:
+            async for update in self._decode_stream(out, decision.decode_instance_id, work, known):
+                yield update
+        finally:
+            # Whatever happened, the prefill instance may drop its published copy of the KV.
+            self.prefill[decision.prefill_instance_id].release.remote(result.kv_handle)
+
+    async def _decode_stream(
+        self, out: ClusterOutput, decode_id: str, work: DecodeWork, known: int
+    ) -> AsyncIterator[ClusterOutput]:
         produced = 1
-        async for ref in self.decode[decision.decode_instance_id].generate.remote(work):
+        async for ref in self.decode[decode_id].generate.remote(work):
             delta = await ref
             out.text += delta.text
             for token in delta.token_ids:

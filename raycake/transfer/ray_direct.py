@@ -139,6 +139,11 @@ class RayDirectCoordinator:
         return [receiver.rdt_import_kv.remote(fetch_id, payload_ref)]
 
 
+def transfer_options(backend: str, actor: object) -> dict[str, object]:
+    """Constructor options ``make_kv_transfer(backend, ...)`` needs inside ``actor``."""
+    return {"endpoint": actor} if backend == RayDirectTransfer.name else {}
+
+
 def connect_ray_direct(
     actors: list[ray.actor.ActorHandle], transport: str = "gloo"
 ) -> ray.actor.ActorHandle:

@@ -1,0 +1,224 @@
+"""Every KV transfer backend between two real Ray actors: bytes arrive intact, bad handles fail."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import time
+
+import pytest
+import ray
+import torch
+
+from raycake.transfer import KVBlockHeader, KVHandle, KVTransferError, make_kv_transfer, pack_kv
+from raycake.transfer.ray_direct import (
+    RAY_DIRECT_ACTOR_OPTIONS,
+    RayDirectKVEndpoint,
+    RayDirectTransfer,
+    connect_ray_direct,
+)
+
+HAS_MOONCAKE = importlib.util.find_spec("mooncake") is not None
+BACKENDS = [
+    "object_store",
+    "ray_direct",
+    pytest.param(
+        "mooncake",
+        marks=pytest.mark.skipif(
+            not HAS_MOONCAKE, reason="mooncake-transfer-engine-non-cuda is not installed"
+        ),
+    ),
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHAPE = (2, 2, 3, 4, 2, 8)  # [L, 2, B, S, H, D]
+
+
+def make_kv(dtype: str, seed: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(DTYPES[dtype])
+
+
+@ray.remote(**RAY_DIRECT_ACTOR_OPTIONS)
+class KVPeer(RayDirectKVEndpoint):
+    """A stand-in for a prefill/decode instance: one transfer object per backend."""
+
+    def __init__(self, backends: list[str], owner: ray.actor.ActorHandle | None = None):
+        options = {"ray_direct": {"endpoint": self}, "object_store": {"owner": owner}}
+        self.transfers = {
+            name: make_kv_transfer(name, **options.get(name, {})) for name in backends
+        }
+
+    def publish(self, backend: str, dtype: str, seed: int, shape=SHAPE, checksum=False) -> KVHandle:
+        kv = make_kv(dtype, seed, shape)
+        hashes = [bytes([i]) * 16 for i in range(shape[2] - 1)]
+        header, array = pack_kv(
+            kv, hashes, num_tokens=shape[2] * shape[3] - 1, with_checksum=checksum
+        )
+        return self.transfers[backend].publish(header, array)
+
+    def fetch_equal(
+        self, backend: str, handle: KVHandle, dtype: str, seed: int, shape=SHAPE
+    ) -> bool:
+        kv = self.transfers[backend].fetch(handle)
+        return kv.dtype == DTYPES[dtype] and torch.equal(kv, make_kv(dtype, seed, shape))
+
+    def fetch_error(self, backend: str, handle: KVHandle) -> str:
+        """'ok', or 'KVTransferError: <message>' (any other exception propagates)."""
+        try:
+            self.transfers[backend].fetch(handle)
+        except KVTransferError as exc:
+            return f"KVTransferError: {exc}"
+        return "ok"
+
+    def release(self, backend: str, handle: KVHandle) -> int:
+        self.transfers[backend].release(handle)
+        return self.transfers[backend].num_published
+
+
+@pytest.fixture(scope="module")
+def peers(ray_cluster):
+    backends = ["object_store", "ray_direct"] + (["mooncake"] if HAS_MOONCAKE else [])
+    sender, receiver = KVPeer.remote(backends), KVPeer.remote(backends)
+    coordinator = connect_ray_direct([sender, receiver], transport="gloo")
+    yield sender, receiver
+    for actor in (sender, receiver, coordinator):
+        ray.kill(actor)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bytes_arrive_intact(peers, backend, dtype):
+    sender, receiver = peers
+    handle = ray.get(sender.publish.remote(backend, dtype, seed=7))
+    assert handle.backend == backend and handle.kv_header().dtype == dtype
+    assert ray.get(receiver.fetch_equal.remote(backend, handle, dtype, 7))
+    assert ray.get(sender.fetch_equal.remote(backend, handle, dtype, 7))  # from itself too
+    assert ray.get(sender.release.remote(backend, handle)) == 0
+
+
+def tampered(handle: KVHandle, **changes) -> KVHandle:
+    header = handle.kv_header()
+    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(header)}
+    fields.update(changes)
+    return dataclasses.replace(handle, header=KVBlockHeader(**fields).to_msgpack())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tampered_handle_fails(peers, backend):
+    sender, receiver = peers
+    handle = ray.get(sender.publish.remote(backend, "float32", seed=1, checksum=True))
+    L, _, B, S, H, D = SHAPE
+    bad_handles = {
+        # Same byte count, other shape: only the header sent with the bytes can tell.
+        "swapped dims": tampered(handle, num_kv_heads=D, head_dim=H),
+        "other hashes": tampered(handle, block_hashes=[b"\xff" * 16]),
+        "fewer blocks": tampered(
+            handle, num_blocks=B - 1, num_tokens=(B - 1) * S, nbytes=L * 2 * (B - 1) * S * H * D * 4
+        ),
+        "not msgpack": dataclasses.replace(handle, header=b"\x00garbage"),
+        "other backend": dataclasses.replace(handle, backend="elsewhere"),
+    }
+    errors = ray.get([receiver.fetch_error.remote(backend, h) for h in bad_handles.values()])
+    for what, error in zip(bad_handles, errors, strict=True):
+        assert error.startswith("KVTransferError"), (what, error)
+    assert ray.get(receiver.fetch_error.remote(backend, handle)) == "ok"
+    ray.get(sender.release.remote(backend, handle))
+
+
+@pytest.mark.parametrize("backend", ["ray_direct", BACKENDS[2]])
+def test_fetch_after_release_fails(peers, backend):
+    sender, receiver = peers
+    handle = ray.get(sender.publish.remote(backend, "float16", seed=2))
+    ray.get(sender.release.remote(backend, handle))
+    ray.get(sender.release.remote(backend, handle))  # idempotent
+    assert ray.get(receiver.fetch_error.remote(backend, handle)).startswith("KVTransferError")
+
+
+@pytest.mark.skipif(not HAS_MOONCAKE, reason="mooncake-transfer-engine-non-cuda is not installed")
+def test_mooncake_refuses_a_forged_address(peers):
+    sender, receiver = peers
+    handle = ray.get(sender.publish.remote("mooncake", "float32", seed=3))
+    forged = dataclasses.replace(
+        handle, locator=dataclasses.replace(handle.locator, address=handle.locator.address + 64)
+    )
+    assert "failed" in ray.get(receiver.fetch_error.remote("mooncake", forged))
+    ray.get(sender.release.remote("mooncake", handle))
+
+
+def test_ray_direct_opposite_fetches_at_once_do_not_deadlock(peers):
+    a, b = peers
+    shape = (1, 2, 64, 16, 8, 128)  # 8 MiB of float32: gloo blocks on sends this large
+    h_a = ray.get(a.publish.remote("ray_direct", "float32", 4, shape))
+    h_b = ray.get(b.publish.remote("ray_direct", "float32", 5, shape))
+    for _ in range(3):
+        both = [
+            b.fetch_equal.remote("ray_direct", h_a, "float32", 4, shape),
+            a.fetch_equal.remote("ray_direct", h_b, "float32", 5, shape),
+        ]
+        assert ray.get(both, timeout=30) == [True, True]
+    ray.get([a.release.remote("ray_direct", h_a), b.release.remote("ray_direct", h_b)])
+
+
+def kill_and_wait(actor: ray.actor.ActorHandle, timeout_s: float = 10.0) -> None:
+    """ray.kill returns at once; a call may still get through until the process is gone."""
+    ray.kill(actor)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{actor} still answers {timeout_s} s after ray.kill")
+
+
+def test_object_store_owner_keeps_blocks_after_the_publisher_dies(peers):
+    _, store_shard = peers
+    owned_by_shard = KVPeer.remote(["object_store"], owner=store_shard)
+    owned_by_self = KVPeer.remote(["object_store"])
+    shape = (1, 2, 16, 16, 8, 64)  # 512 KiB: Ray may inline small objects into the handle
+    kept = ray.get(owned_by_shard.publish.remote("object_store", "bfloat16", 6, shape))
+    lost = ray.get(owned_by_self.publish.remote("object_store", "bfloat16", 6, shape))
+    for publisher in (owned_by_shard, owned_by_self):
+        kill_and_wait(publisher)
+    # The receiver learns of the owner's death asynchronously: poll for the loss first.
+    deadline = time.monotonic() + 10
+    while ray.get(store_shard.fetch_error.remote("object_store", lost)) == "ok":
+        assert time.monotonic() < deadline, "blocks owned by a dead publisher stayed fetchable"
+        time.sleep(0.2)
+    assert ray.get(store_shard.fetch_equal.remote("object_store", kept, "bfloat16", 6, shape))
+
+
+@ray.remote(**RAY_DIRECT_ACTOR_OPTIONS)
+class AsyncKVPeer(RayDirectKVEndpoint):
+    """Like raycake's instance actors: async methods, blocking transfer calls in a thread."""
+
+    def __init__(self):
+        self.transfer = make_kv_transfer("ray_direct", endpoint=self)
+
+    async def publish(self, dtype: str, seed: int) -> KVHandle:
+        header, array = pack_kv(make_kv(dtype, seed), [], num_tokens=12)
+        return self.transfer.publish(header, array)
+
+    async def fetch_equal(self, handle: KVHandle, dtype: str, seed: int) -> bool:
+        kv = await asyncio.to_thread(self.transfer.fetch, handle)
+        return torch.equal(kv, make_kv(dtype, seed))
+
+
+def test_ray_direct_between_async_actors(ray_cluster):
+    a, b = AsyncKVPeer.remote(), AsyncKVPeer.remote()
+    coordinator = connect_ray_direct([a, b])
+    handle = ray.get(a.publish.remote("bfloat16", 9))
+    assert ray.get(b.fetch_equal.remote(handle, "bfloat16", 9), timeout=30)
+    for actor in (a, b, coordinator):
+        ray.kill(actor)
+
+
+def test_ray_direct_needs_an_actor(ray_cluster):
+    transfer = RayDirectTransfer(endpoint=RayDirectKVEndpoint())
+    header, array = pack_kv(make_kv("float32", 0), [], num_tokens=12)
+    with pytest.raises(KVTransferError, match="inside a Ray actor"):
+        transfer.publish(header, array)
+    with pytest.raises(TypeError, match="endpoint=self"):
+        make_kv_transfer("ray_direct")
