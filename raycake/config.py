@@ -466,6 +466,8 @@ class ClusterConfig:
     num_decode: int = 1
     num_store_shards: int = 2
     store_capacity_bytes: int = 256 * 1024 * 1024  # per shard
+    # Copy a block to the next shard once it has been read this often (None: no replicas).
+    store_replicate_after_reads: int | None = None
     transfer_backend: str = "object_store"
     # Store -> instance bandwidth the conductor plans with (bytes/s).
     transfer_bandwidth_bytes_per_s: float = 2e9
@@ -493,6 +495,8 @@ class ClusterConfig:
             self.num_store_shards,
         )
         _positive_int("cluster.store_capacity_bytes", self.store_capacity_bytes)
+        if self.store_replicate_after_reads is not None:
+            _positive_int("cluster.store_replicate_after_reads", self.store_replicate_after_reads)
         _require(
             self.transfer_backend in TRANSFER_BACKENDS,
             "cluster.transfer_backend",

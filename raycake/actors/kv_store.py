@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -21,6 +22,11 @@ def shard_for_block(block_hash: bytes, num_shards: int) -> int:
     return (
         int.from_bytes(hashlib.blake2b(block_hash, digest_size=8).digest(), "little") % num_shards
     )
+
+
+def replica_shard(primary: int, num_shards: int) -> int:
+    """Where a hot block's replica goes (and where readers look when the primary fails)."""
+    return (primary + 1) % num_shards
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,31 @@ class StoredBlock:
 class KVStoreShard:
     """put / get / contains / evict over ``BlockStore``, with LRU eviction by bytes."""
 
-    def __init__(self, shard_id: int, capacity_bytes: int, eviction_policy: str = "lru") -> None:
+    def __init__(
+        self,
+        shard_id: int,
+        capacity_bytes: int,
+        eviction_policy: str = "lru",
+        replicate_after_reads: int | None = None,
+    ) -> None:
+        if replicate_after_reads is not None and replicate_after_reads < 1:
+            raise ValueError(
+                f"replicate_after_reads: expected None or >= 1, got {replicate_after_reads}"
+            )
         self.shard_id = shard_id
         self._store: BlockStore[tuple[bytes, ray.ObjectRef]] = BlockStore(
             capacity_bytes, eviction_policy
         )
+        # Hot-block replication: a block read this many times is copied to the replica shard.
+        self.replicate_after_reads = replicate_after_reads
+        self._reads: dict[bytes, int] = {}
+        self._replicated: set[bytes] = set()
+        self._replica: Any | None = None
+        self.num_replicated = 0
+
+    def connect_replica(self, replica: Any) -> None:
+        """The shard (actor handle) that receives this shard's hot blocks."""
+        self._replica = replica
 
     def put(self, blocks: list[tuple[bytes, bytes, np.ndarray]]) -> int:
         """Store (hash, header, array) blocks not stored yet; returns how many were new."""
@@ -70,15 +96,34 @@ class KVStoreShard:
         whole run instead of one fetch per block (blocks are small; the reply is not)."""
         found = self._store.get_prefix(block_hashes)
         arrays = ray.get([ref for _, ref in found])
-        return [
+        blocks = [
             (h, header, array)
             for h, (header, _), array in zip(block_hashes, found, arrays, strict=False)
         ]
+        self._count_reads(blocks)
+        return blocks
+
+    def _count_reads(self, blocks: list[tuple[bytes, bytes, np.ndarray]]) -> None:
+        if self.replicate_after_reads is None or self._replica is None:
+            return
+        hot = []
+        for block in blocks:
+            h = block[0]
+            self._reads[h] = self._reads.get(h, 0) + 1
+            if self._reads[h] >= self.replicate_after_reads and h not in self._replicated:
+                self._replicated.add(h)
+                hot.append(block)
+        if hot:
+            self._replica.put.remote(hot)  # best effort, like Mooncake's replicas
+            self.num_replicated += len(hot)
 
     def contains(self, block_hashes: list[bytes]) -> list[bool]:
         return [h in self._store for h in block_hashes]
 
     def evict(self, block_hashes: list[bytes]) -> int:
+        for h in block_hashes:
+            self._reads.pop(h, None)
+            self._replicated.discard(h)
         return sum(self._store.evict(h) for h in block_hashes)
 
     def stats(self) -> StoreStats:

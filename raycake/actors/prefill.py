@@ -12,10 +12,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from ray.exceptions import RayActorError
 
 from raycake.actors.calibration import calibrate, samples_from_steps
 from raycake.actors.engine_loop import EngineLoop
-from raycake.actors.kv_store import shard_for_block
+from raycake.actors.kv_store import replica_shard, shard_for_block
 from raycake.actors.messages import InstanceLoad, PrefillResult, PrefillWork
 from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
@@ -112,10 +113,15 @@ class PrefillInstance(RayDirectKVEndpoint):
         for h in hashes:
             by_shard.setdefault(shard_for_block(h, len(self.store_shards)), []).append(h)
         # One call per shard, all in flight at once; each reply carries its blocks' bytes.
-        replies = await asyncio.gather(
-            *(self.store_shards[s].read_prefix.remote(hs) for s, hs in by_shard.items())
-        )
-        found = {h: (header, array) for reply in replies for h, header, array in reply}
+        found = await self._read_shards(by_shard)
+        missing = [h for h in hashes if h not in found]
+        if missing and len(self.store_shards) > 1:
+            # A dead or evicted primary: hot blocks may have a replica on the next shard.
+            retry: dict[int, list[bytes]] = {}
+            for h in missing:
+                primary = shard_for_block(h, len(self.store_shards))
+                retry.setdefault(replica_shard(primary, len(self.store_shards)), []).append(h)
+            found.update(await self._read_shards(retry))
         run = []
         for h in hashes:
             if h not in found:
@@ -126,6 +132,21 @@ class PrefillInstance(RayDirectKVEndpoint):
         blocks = [unpack_kv(KVBlockHeader.from_msgpack(found[h][0]), found[h][1]) for h in run]
         kv = torch.cat(blocks, dim=2)  # [layers, 2, n, P, K, Dh]
         return self.engine.import_prefix_blocks(run, kv)
+
+    async def _read_shards(self, by_shard: dict[int, list[bytes]]) -> dict[bytes, tuple]:
+        """Blocks by hash from each shard's leading run; a shard that fails contributes none."""
+        replies = await asyncio.gather(
+            *(self.store_shards[s].read_prefix.remote(hs) for s, hs in by_shard.items()),
+            return_exceptions=True,
+        )
+        found: dict[bytes, tuple] = {}
+        for reply in replies:
+            if isinstance(reply, RayActorError):
+                continue  # the store is a cache: a lost shard means recomputing, not failing
+            if isinstance(reply, BaseException):
+                raise reply
+            found.update({h: (header, array) for h, header, array in reply})
+        return found
 
     async def _publish_to_store(self, kv: torch.Tensor, block_hashes: list[bytes]) -> None:
         """Send the full blocks the store lacks to their shards (shards keep one copy each)."""

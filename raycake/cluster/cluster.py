@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from raycake.actors.conductor import Conductor
 from raycake.actors.decode import DecodeInstance
-from raycake.actors.kv_store import KVStoreShard
+from raycake.actors.kv_store import KVStoreShard, replica_shard
 from raycake.actors.messages import DecodeWork, PrefillResult, PrefillWork
 from raycake.actors.prefill import PrefillInstance
 from raycake.config import ClusterConfig
@@ -91,9 +91,17 @@ class Cluster:
         self.store_shards = [
             ray.remote(KVStoreShard)
             .options(**_actor_options(config, f"raycake-kv-store-{i}", num_cpus=0))
-            .remote(i, config.store_capacity_bytes)
+            .remote(i, config.store_capacity_bytes, "lru", config.store_replicate_after_reads)
             for i in range(config.num_store_shards)
         ]
+        if config.store_replicate_after_reads is not None and len(self.store_shards) > 1:
+            n = len(self.store_shards)
+            ray.get(
+                [
+                    s.connect_replica.remote(self.store_shards[replica_shard(i, n)])
+                    for i, s in enumerate(self.store_shards)
+                ]
+            )
         direct = config.transfer_backend == "ray_direct"
         # The instances compose RayDirectKVEndpoint, whose methods name concurrency groups;
         # Ray Direct Transport also needs tensor transport enabled on the class.
