@@ -29,6 +29,21 @@ def _positive_int(field_name: str, value: Any) -> None:
     )
 
 
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a ``.json`` or ``.yaml`` config file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 frequency scaling of RoPE (``rope_type: llama3``)."""
@@ -304,17 +319,7 @@ class EngineConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> EngineConfig:
         """Load from a ``.json`` or ``.yaml`` file."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data)
+        return cls.from_dict(read_mapping(path))
 
 
 @dataclass(frozen=True)
@@ -540,14 +545,5 @@ class ClusterConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClusterConfig:
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data)
+        """Load from a ``.json`` or ``.yaml`` file."""
+        return cls.from_dict(read_mapping(path))

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from raycake.actors.calibration import calibrate
 from raycake.actors.engine_loop import EngineLoop
-from raycake.actors.messages import DecodeWork, InstanceLoad
+from raycake.actors.messages import DecodeWork, InstanceLoad, instance_load
 from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.request_output import StreamDelta
@@ -76,12 +76,4 @@ class DecodeInstance(RayDirectKVEndpoint):
         return self.telemetry.finished_spans()
 
     def load(self) -> InstanceLoad:
-        stats = self.engine.stats()
-        return InstanceLoad(
-            instance_id=self.instance_id,
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            free_kv_blocks=self.engine.scheduler.kv_cache.num_free_blocks,
-            max_num_seqs=self.engine.config.scheduler.max_num_seqs,
-            cost_model=self.cost_model.to_dict(),
-        )
+        return instance_load(self.instance_id, self.engine, self.cost_model)

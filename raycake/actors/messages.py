@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raycake.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from raycake.engine.llm_engine import LLMEngine
+    from raycake.policies.cost_model import StepCostModel
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,16 @@ class InstanceLoad:
     free_kv_blocks: int
     max_num_seqs: int
     cost_model: dict[str, float] | None  # StepCostModel.to_dict(), once calibrated
+
+
+def instance_load(instance_id: str, engine: LLMEngine, cost_model: StepCostModel) -> InstanceLoad:
+    """What an instance running ``engine`` reports, with its current cost model."""
+    stats = engine.stats()
+    return InstanceLoad(
+        instance_id=instance_id,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        free_kv_blocks=engine.scheduler.kv_cache.num_free_blocks,
+        max_num_seqs=engine.config.scheduler.max_num_seqs,
+        cost_model=cost_model.to_dict(),
+    )

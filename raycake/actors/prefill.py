@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError
 from raycake.actors.calibration import calibrate, samples_from_steps
 from raycake.actors.engine_loop import EngineLoop
 from raycake.actors.kv_store import replica_shard, shard_for_block
-from raycake.actors.messages import InstanceLoad, PrefillResult, PrefillWork
+from raycake.actors.messages import InstanceLoad, PrefillResult, PrefillWork, instance_load
 from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.runner import kv_cache_bytes_per_block
@@ -184,15 +184,7 @@ class PrefillInstance(RayDirectKVEndpoint):
         return self.telemetry.finished_spans()
 
     def load(self) -> InstanceLoad:
-        stats = self.engine.stats()
-        return InstanceLoad(
-            instance_id=self.instance_id,
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            free_kv_blocks=self.engine.scheduler.kv_cache.num_free_blocks,
-            max_num_seqs=self.engine.config.scheduler.max_num_seqs,
-            cost_model=self.current_cost_model().to_dict(),
-        )
+        return instance_load(self.instance_id, self.engine, self.current_cost_model())
 
     def current_cost_model(self) -> StepCostModel:
         """Refit from recent real steps when they cover enough shapes; else the start-up fit."""
