@@ -99,17 +99,40 @@ class ClusterMetrics:
     """``ray.util.metrics`` series (exported as ``ray_raycake_*`` to Prometheus / the dashboard)."""
 
     def __init__(self) -> None:
-        from ray.util.metrics import Counter, Gauge, Histogram
+        from ray.util.metrics import Counter, Histogram
 
         ms = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
         self.ttft_ms = Histogram("raycake_ttft_ms", "Time to first token", boundaries=ms)
         self.tbt_ms = Histogram("raycake_tbt_ms", "Time between tokens", boundaries=ms[:8])
-        self.queue_length = Gauge(
-            "raycake_queue_length", "Requests waiting or running", tag_keys=("instance",)
-        )
         self.prompt_tokens = Counter("raycake_prompt_tokens", "Prompt tokens served")
         self.cached_tokens = Counter("raycake_cached_prompt_tokens", "Prompt tokens from caches")
         self.kv_bytes = Counter("raycake_kv_bytes_transferred", "KV bytes prefill -> decode")
         self.rejections = Counter(
             "raycake_rejections", "Requests rejected early", tag_keys=("reason",)
         )
+
+
+class InstanceMetrics:
+    """Per-instance gauges, labelled with the instance id (a no-op outside a Ray worker)."""
+
+    def __init__(self, instance_id: str) -> None:
+        import ray
+
+        self._tags = {"instance": instance_id}
+        self._queue = self._kv_usage = None
+        if ray.is_initialized():
+            from ray.util.metrics import Gauge
+
+            self._queue = Gauge(
+                "raycake_queue_length", "Requests waiting or running", tag_keys=("instance",)
+            )
+            self._kv_usage = Gauge(
+                "raycake_kv_cache_usage", "Fraction of KV blocks in use", tag_keys=("instance",)
+            )
+
+    def record(self, engine: Any) -> None:
+        if self._queue is None or self._kv_usage is None:
+            return
+        stats = engine.stats()
+        self._queue.set(stats.num_running + stats.num_waiting, tags=self._tags)
+        self._kv_usage.set(stats.kv_cache_usage, tags=self._tags)

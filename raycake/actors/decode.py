@@ -15,7 +15,7 @@ from raycake.actors.messages import DecodeWork, InstanceLoad, instance_load
 from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.request_output import StreamDelta
-from raycake.telemetry import Telemetry
+from raycake.telemetry import InstanceMetrics, Telemetry
 from raycake.transfer import make_kv_transfer
 from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
 
@@ -33,7 +33,8 @@ class DecodeInstance(RayDirectKVEndpoint):
     ) -> None:
         self.instance_id = instance_id
         self.engine = LLMEngine(engine_config)
-        self.loop = EngineLoop(self.engine)
+        self.metrics = InstanceMetrics(instance_id)
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.record)
         self.transfer = make_kv_transfer(
             transfer_backend, **transfer_options(transfer_backend, self)
         )

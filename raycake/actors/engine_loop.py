@@ -9,14 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
 from raycake.engine.llm_engine import LLMEngine, StepRecord
 from raycake.engine.request_output import StreamDelta
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, history: int = 512) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        history: int = 512,
+        on_step: Callable[[LLMEngine], None] | None = None,
+    ) -> None:
         self.engine = engine
+        self.on_step = on_step  # e.g. update the instance's queue-length gauge
         self._queues: dict[str, asyncio.Queue[StreamDelta]] = {}
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -59,6 +66,8 @@ class EngineLoop:
                 raise
             if self.engine.last_step is not None and self.engine.last_step.num_tokens:
                 self.steps.append(self.engine.last_step)
+            if self.on_step is not None:
+                self.on_step(self.engine)
             for delta in deltas:
                 queue = self._queues.get(delta.request_id)
                 if queue is not None:

@@ -22,7 +22,7 @@ from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.policies.cost_model import StepCostModel
-from raycake.telemetry import Telemetry
+from raycake.telemetry import InstanceMetrics, Telemetry
 from raycake.transfer import KVHandle, make_kv_transfer
 from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
 from raycake.transfer.wire import KVBlockHeader, pack_kv, unpack_kv
@@ -39,7 +39,8 @@ class PrefillInstance(RayDirectKVEndpoint):
     ) -> None:
         self.instance_id = instance_id
         self.engine = LLMEngine(engine_config)
-        self.loop = EngineLoop(self.engine)
+        self.metrics = InstanceMetrics(instance_id)
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.record)
         self.transfer = make_kv_transfer(
             transfer_backend, **transfer_options(transfer_backend, self)
         )
