@@ -1,0 +1,134 @@
+"""A mixture-of-experts feed-forward layer: a router picks experts, SwiGLU experts run grouped.
+
+Legend: T tokens (flattened over the batch), H hidden size, I expert intermediate size,
+E experts, k experts per token, N kept (token, choice) pairs.
+
+Parameter names and layouts follow transformers 5's ``MixtralSparseMoeBlock`` (``gate.weight``,
+``experts.gate_up_proj`` [E, 2I, H] = gate|up, ``experts.down_proj`` [E, H, I]), so a Mixtral
+layer's state dict loads as is. Which experts a token gets is a policy
+(``raycake.policies.routing``); this module owns only the weights and the arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raycake.policies.routing import Router, RoutingResult
+
+
+class FusedExperts(nn.Module):
+    """E SwiGLU MLPs stored as two 3-D tensors; the unit an expert shard would hold a slice of."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+        nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+
+    def forward(
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor, kept: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, H]; expert_indices, gates, kept [T, k]. Returns sum_j gate_j * expert_j(x) [T, H].
+
+        Tokens are sorted by expert so each expert with work runs one matmul pair over all of
+        its tokens; experts without tokens cost nothing. Dropped pairs are never computed, so
+        a token with every choice dropped comes out as exact zeros (the residual carries it).
+        """
+        top_k = expert_indices.shape[1]
+        slots = kept.flatten().nonzero().squeeze(1)  # [N] kept pairs, as token * k + choice
+        slot_expert = expert_indices.flatten()[slots]  # [N]
+        order = slot_expert.argsort(stable=True)  # stable: tokens stay in position order
+        slots, slot_expert = slots[order], slot_expert[order]  # [N], grouped by expert
+        tokens = slots // top_k  # [N]
+        # NOTE: the one host sync of the layer: the split sizes drive the Python loop.
+        counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()  # [E]
+        grouped = x[tokens]  # [N, H]
+        out = torch.empty_like(grouped)  # [N, H]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            h = F.linear(grouped[start:end], self.gate_up_proj[expert])  # [n, 2I]
+            gate, up = h.split(self.intermediate_size, dim=-1)  # [n, I] each
+            out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
+            start = end
+        # Weight in float32 (the gates' precision) and cast back, as transformers does.
+        weights = gates.flatten()[slots].unsqueeze(1)  # [N, 1]
+        out = (out.float() * weights).to(x.dtype)  # [N, H]
+        return torch.zeros_like(x).index_add_(0, tokens, out)  # [T, H]
+
+
+class MoEFeedForward(nn.Module):
+    """Router linear + routing policy + fused experts: a drop-in for the dense MLP.
+
+    ``gate`` is the router's linear layer (transformers' name); ``router`` is the policy,
+    not a module, so it has no parameters and is not in the state dict.
+    """
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = router
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RoutingResult]:
+        """x [..., H] (leading dims are flattened into one routing group); token_ids [...]."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [T, H]
+        if token_ids is not None:
+            token_ids = token_ids.reshape(-1)  # [T]
+        # Router logits in float32 ("selective precision"): E columns, cheap even at fp32.
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        routing = self.router.route(logits, token_ids)
+        out = self.experts(x, routing.expert_indices, routing.gates, routing.kept)  # [T, H]
+        return out.view(*lead, out.shape[-1]), routing
+
+
+@dataclass
+class MoEStats:
+    """Running expert load over many steps. ``update`` syncs the device: call it per step, not per layer
+    in a hot loop, or only when telemetry is on."""
+
+    num_experts: int
+    tokens_per_expert: list[int] = field(default_factory=list)  # kept pairs per expert
+    num_assignments: int = 0  # (token, choice) pairs asked for, kept or not
+    num_dropped: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens_per_expert:
+            self.tokens_per_expert = [0] * self.num_experts
+
+    def update(self, routing: RoutingResult) -> None:
+        if routing.num_experts != self.num_experts:
+            raise ValueError(f"stats over {self.num_experts} experts got {routing.num_experts}")
+        for expert, count in enumerate(routing.tokens_per_expert.tolist()):
+            self.tokens_per_expert[expert] += count
+        self.num_assignments += routing.expert_indices.numel()
+        self.num_dropped += int(routing.num_dropped)
+
+    @property
+    def drop_rate(self) -> float:
+        return self.num_dropped / self.num_assignments if self.num_assignments else 0.0
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest expert's load over the mean load: 1.0 is perfect balance, E the worst."""
+        total = sum(self.tokens_per_expert)
+        if total == 0:
+            return 1.0
+        return max(self.tokens_per_expert) / (total / self.num_experts)
