@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -87,6 +87,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
+    # Mixture of experts in every layer's feed-forward (Mixtral); 0: dense SwiGLU (Llama).
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
 
     def __post_init__(self) -> None:
         for name in (
@@ -115,6 +118,13 @@ class ModelConfig:
             f"one of {SUPPORTED_ARCHITECTURES}",
             self.architecture,
         )
+        if self.num_experts:
+            _require(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                "num_experts_per_tok",
+                f"1..num_local_experts ({self.num_experts})",
+                self.num_experts_per_tok,
+            )
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -176,6 +186,11 @@ class ModelConfig:
             raise ValueError(
                 f"config.json rope_scaling.rope_type: expected 'default' or 'llama3', got {rope_type!r}"
             )
+        if hf.get("sliding_window") is not None:
+            raise ValueError(
+                f"config.json sliding_window: expected null (sliding-window attention is not "
+                f"supported), got {hf['sliding_window']!r}"
+            )
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         num_heads = hf["num_attention_heads"]
@@ -197,6 +212,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             architecture=architectures[0],
+            num_experts=int(hf.get("num_local_experts") or 0),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok") or 2),
         )
 
     def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
@@ -207,9 +224,17 @@ class ModelConfig:
         eos: int | list[int] | None = list(self.eos_token_ids) or None
         if eos is not None and len(eos) == 1:
             eos = eos[0]
+        extra: dict[str, Any] = {}
+        if self.num_experts:
+            extra = {
+                "num_local_experts": self.num_experts,
+                "num_experts_per_tok": self.num_experts_per_tok,
+                "sliding_window": None,
+            }
         return {
             "architectures": [self.architecture],
-            "model_type": "llama",
+            "model_type": "mixtral" if self.num_experts else "llama",
+            **extra,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

@@ -1,4 +1,4 @@
-"""Llama 3 in plain torch: one forward over a flattened batch that reads and writes a paged KV cache.
+"""Llama 3 (and Mixtral, its MoE sibling) in plain torch: one forward over a flattened batch that reads and writes a paged KV cache.
 
 Legend: T tokens in the step (or B x S when training without a cache), E hidden size,
 H query heads, K kv heads, Dh head dim, V vocabulary.
@@ -16,7 +16,9 @@ from torch import nn
 
 from raycake.config import ModelConfig
 from raycake.model.attention import AttentionMetadata, dense_causal_attention, paged_attention
+from raycake.model.moe import MoEFeedForward
 from raycake.model.rope import RotaryEmbedding, apply_rotary
+from raycake.policies.routing import RoutingResult, make_router
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +93,14 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.mlp: nn.Module = LlamaMLP(config)
+        if config.num_experts:  # Mixtral: the same layer with a routed, sparse feed-forward
+            router = make_router("topk", top_k=config.num_experts_per_tok)
+            self.mlp = MoEFeedForward(
+                config.hidden_size, config.intermediate_size, config.num_experts, router
+            )
+        # The last step's expert routing (MoE layers only), for load statistics.
+        self.last_routing: RoutingResult | None = None
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -104,7 +113,10 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ffn = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(ffn, tuple):
+            ffn, self.last_routing = ffn
+        return x + ffn
 
 
 class LlamaModel(nn.Module):

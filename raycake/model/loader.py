@@ -7,6 +7,8 @@ checks every shape; saving writes the inverse, so transformers loads what raycak
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,13 +73,32 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def _target(name: str, config: ModelConfig) -> tuple[str, int | None]:
-    """raycake parameter name and fused-shard index for a checkpoint tensor name."""
+# Mixtral's per-expert layout, which transformers writes: w1 = gate, w3 = up, w2 = down.
+_LEGACY_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def _identity(data: torch.Tensor) -> torch.Tensor:
+    return data
+
+
+def _place(name: str, config: ModelConfig) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """raycake parameter for a checkpoint tensor, and the view of it the tensor fills."""
+    legacy = _LEGACY_EXPERT.match(name)
+    if legacy:
+        prefix, expert, which = legacy.group(1), int(legacy.group(2)), legacy.group(3)
+        if which == "w2":
+            return f"{prefix}.mlp.experts.down_proj", lambda d: d[expert]
+        size = config.intermediate_size
+        start = 0 if which == "w1" else size
+        return f"{prefix}.mlp.experts.gate_up_proj", lambda d: d[expert].narrow(0, start, size)
+    if ".block_sparse_moe." in name:
+        return name.replace(".block_sparse_moe.", ".mlp."), _identity
     parts = name.split(".")
     if len(parts) >= 2 and parts[-2] in _FUSED:
         fused, shard = _FUSED[parts[-2]]
-        return ".".join([*parts[:-2], fused, parts[-1]]), shard
-    return name, None
+        start, size = _shard_slices(config, fused)[shard]
+        return ".".join([*parts[:-2], fused, parts[-1]]), lambda d: d.narrow(0, start, size)
+    return name, _identity
 
 
 def _shard_slices(config: ModelConfig, fused: str) -> list[tuple[int, int]]:
@@ -93,7 +114,8 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     """Copy every checkpoint tensor into ``model``; fail on unknown, missing or misshapen tensors."""
     config = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
-    filled: dict[str, set[int | None]] = {name: set() for name in params}
+    # Elements written per parameter: a fused or stacked one is complete when all its parts are.
+    filled = dict.fromkeys(params, 0)
     for file in checkpoint_files(model_dir):
         try:
             opened = safe_open(str(file), framework="pt")
@@ -103,33 +125,23 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
             for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
-                target, shard = _target(name, config)
+                target, view = _place(name, config)
                 if target not in params:
                     raise CheckpointError(
                         f"{file.name}: tensor {name!r} has no place in {config.architecture}"
                     )
-                param = params[target]
                 tensor = reader.get_tensor(name)
-                dest = param.data
-                if shard is not None:
-                    start, size = _shard_slices(config, target.split(".")[-2])[shard]
-                    dest = dest.narrow(0, start, size)
+                dest = view(params[target].data)
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(
                         f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                         f"expected {tuple(dest.shape)} from config.json"
                     )
                 dest.copy_(tensor)
-                filled[target].add(shard)
+                filled[target] += dest.numel()
     if config.tie_word_embeddings:
         filled["lm_head.weight"] = filled["model.embed_tokens.weight"]
-    missing = []
-    for name, shards in filled.items():
-        expected_shards = 1
-        if name.split(".")[-2] in ("qkv_proj", "gate_up_proj"):
-            expected_shards = len(_shard_slices(config, name.split(".")[-2]))
-        if len(shards) != expected_shards:
-            missing.append(name)
+    missing = [name for name, count in filled.items() if count < params[name].numel()]
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint lacks tensors for {missing[:8]}")
 
@@ -163,7 +175,9 @@ def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
             continue
         parts = name.split(".")
         fused = parts[-2] if len(parts) >= 2 else ""
-        if fused in ("qkv_proj", "gate_up_proj"):
+        if fused == "experts" or (name.endswith(".mlp.gate.weight") and config.num_experts):
+            out.update(_legacy_moe_tensors(name, tensor, config))
+        elif fused in ("qkv_proj", "gate_up_proj"):
             names = (
                 ["q_proj", "k_proj", "v_proj"] if fused == "qkv_proj" else ["gate_proj", "up_proj"]
             )
@@ -172,6 +186,25 @@ def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
                 out[key] = tensor.narrow(0, start, size).contiguous()
         else:
             out[name] = tensor.contiguous()
+    return out
+
+
+def _legacy_moe_tensors(
+    name: str, tensor: torch.Tensor, config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Mixtral weights under the per-expert names transformers writes (and reads)."""
+    prefix = name.split(".mlp.")[0] + ".block_sparse_moe"
+    if name.endswith(".mlp.gate.weight"):
+        return {f"{prefix}.gate.weight": tensor.contiguous()}
+    size = config.intermediate_size
+    out = {}
+    for expert in range(tensor.shape[0]):
+        base = f"{prefix}.experts.{expert}"
+        if name.endswith("down_proj"):
+            out[f"{base}.w2.weight"] = tensor[expert].contiguous()
+        else:
+            out[f"{base}.w1.weight"] = tensor[expert, :size].contiguous()
+            out[f"{base}.w3.weight"] = tensor[expert, size:].contiguous()
     return out
 
 
