@@ -43,15 +43,13 @@ class FusedExperts(nn.Module):
         its tokens; experts without tokens cost nothing. Dropped pairs are never computed, so
         a token with every choice dropped comes out as exact zeros (the residual carries it).
         """
-        top_k = expert_indices.shape[1]
-        slots = kept.flatten().nonzero().squeeze(1)  # [N] kept pairs, as token * k + choice
-        slot_expert = expert_indices.flatten()[slots]  # [N]
-        order = slot_expert.argsort(stable=True)  # stable: tokens stay in position order
-        slots, slot_expert = slots[order], slot_expert[order]  # [N], grouped by expert
-        tokens = slots // top_k  # [N]
-        # NOTE: the one host sync of the layer: the split sizes drive the Python loop.
-        counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()  # [E]
-        grouped = x[tokens]  # [N, H]
+        plan = plan_dispatch(expert_indices, kept, self.num_experts)
+        out = self.run_grouped(x[plan.tokens], plan.counts)  # [N, H]
+        return combine(x, plan, gates, out)
+
+    def run_grouped(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """grouped [N, H]: tokens sorted by expert, ``counts[e]`` of them for expert e.
+        Returns each token's unweighted expert output [N, H] in the same order."""
         out = torch.empty_like(grouped)  # [N, H]
         start = 0
         for expert, count in enumerate(counts):
@@ -62,10 +60,40 @@ class FusedExperts(nn.Module):
             gate, up = h.split(self.intermediate_size, dim=-1)  # [n, I] each
             out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
             start = end
-        # Weight in float32 (the gates' precision) and cast back, as transformers does.
-        weights = gates.flatten()[slots].unsqueeze(1)  # [N, 1]
-        out = (out.float() * weights).to(x.dtype)  # [N, H]
-        return torch.zeros_like(x).index_add_(0, tokens, out)  # [T, H]
+        return out
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Kept (token, choice) pairs grouped by expert: the layout experts run on."""
+
+    slots: torch.Tensor  # [N] flat index token * k + choice, grouped by expert
+    tokens: torch.Tensor  # [N] the token of each pair
+    counts: list[int]  # [E] pairs per expert, on the host (it drives the expert loop)
+
+
+def plan_dispatch(
+    expert_indices: torch.Tensor, kept: torch.Tensor, num_experts: int
+) -> DispatchPlan:
+    """Group the kept pairs by expert, tokens staying in position order within each expert."""
+    top_k = expert_indices.shape[1]
+    slots = kept.flatten().nonzero().squeeze(1)  # [N] kept pairs, as token * k + choice
+    slot_expert = expert_indices.flatten()[slots]  # [N]
+    order = slot_expert.argsort(stable=True)  # stable: tokens stay in position order
+    slots, slot_expert = slots[order], slot_expert[order]  # [N], grouped by expert
+    # NOTE: the one host sync of the layer: the split sizes drive the Python loop.
+    counts = torch.bincount(slot_expert, minlength=num_experts).tolist()  # [E]
+    return DispatchPlan(slots=slots, tokens=slots // top_k, counts=counts)
+
+
+def combine(
+    x: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Sum each token's expert outputs [N, H] weighted by its gates [T, k] -> [T, H]."""
+    # Weight in float32 (the gates' precision) and cast back, as transformers does.
+    weights = gates.flatten()[plan.slots].unsqueeze(1)  # [N, 1]
+    out = (out.float() * weights).to(x.dtype)  # [N, H]
+    return torch.zeros_like(x).index_add_(0, plan.tokens, out)  # [T, H]
 
 
 class MoEFeedForward(nn.Module):
