@@ -299,6 +299,37 @@ class SchedulerConfig:
         )
 
 
+MOE_ROUTERS = ("hash", "switch", "topk")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How MoE layers route and where their experts run (dense models ignore it)."""
+
+    # None: the checkpoint's own routing (Mixtral: top-k over num_experts_per_tok, renormalized).
+    router: str | None = None
+    # Expert capacity factor for "switch" (None: dropless; tokens past capacity are dropped).
+    capacity_factor: float | None = None
+    # 0: experts in-process; N: ExpertShard Ray actors, each holding a range of every layer's.
+    num_expert_shards: int = 0
+
+    def __post_init__(self) -> None:
+        if self.router is not None:
+            _require(
+                self.router in MOE_ROUTERS, "moe.router", f"one of {list(MOE_ROUTERS)}", self.router
+            )
+        if self.capacity_factor is not None:
+            _require(
+                self.capacity_factor > 0, "moe.capacity_factor", "> 0 or None", self.capacity_factor
+            )
+        _require(
+            isinstance(self.num_expert_shards, int) and self.num_expert_shards >= 0,
+            "moe.num_expert_shards",
+            "an integer >= 0",
+            self.num_expert_shards,
+        )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one serving instance needs; ``model`` is a checkpoint folder or ``"default"``."""
@@ -309,6 +340,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -324,7 +356,7 @@ class EngineConfig:
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
         """Build from a plain dict (parsed JSON or YAML); unknown keys are an error."""
         data = dict(data)
-        nested = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+        nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "moe": MoEConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

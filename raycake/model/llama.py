@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycake.config import ModelConfig
+from raycake.config import ModelConfig, MoEConfig
 from raycake.model.attention import AttentionMetadata, dense_causal_attention, paged_attention
 from raycake.model.moe import MoEFeedForward
 from raycake.model.rope import RotaryEmbedding, apply_rotary
-from raycake.policies.routing import RoutingResult, make_router
+from raycake.policies.routing import Router, RoutingResult, make_router
 
 
 class RMSNorm(nn.Module):
@@ -89,13 +89,26 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def router_for(config: ModelConfig, moe: MoEConfig) -> Router:
+    """The routing policy of a model's MoE layers: the checkpoint's own unless ``moe`` says."""
+    if moe.router is None or moe.router == "topk":
+        return make_router("topk", top_k=config.num_experts_per_tok)
+    if moe.router == "switch":
+        return make_router(
+            "switch",
+            capacity_factor=moe.capacity_factor,
+            drop_tokens=moe.capacity_factor is not None,
+        )
+    return make_router("hash", num_experts=config.num_experts)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, moe: MoEConfig) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config)
         self.mlp: nn.Module = LlamaMLP(config)
         if config.num_experts:  # Mixtral: the same layer with a routed, sparse feed-forward
-            router = make_router("topk", top_k=config.num_experts_per_tok)
+            router = router_for(config, moe)
             self.mlp = MoEFeedForward(
                 config.hidden_size, config.intermediate_size, config.num_experts, router
             )
@@ -111,20 +124,24 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata | None,
         kv_cache: torch.Tensor | None,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        ffn = self.mlp(self.post_attention_layernorm(x))
-        if isinstance(ffn, tuple):
-            ffn, self.last_routing = ffn
+        normed = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEFeedForward):
+            # Token ids feed routers that route by token (hash routing).
+            ffn, self.last_routing = self.mlp(normed, token_ids)
+        else:
+            ffn = self.mlp(normed)
         return x + ffn
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, moe: MoEConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, moe) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -139,17 +156,17 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [..., E]
         cos, sin = self.rotary_emb(positions, x.dtype)  # [..., Dh]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i], input_ids)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
     """The served model. ``forward`` returns final hidden states; ``compute_logits`` projects them."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, moe or MoEConfig())
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

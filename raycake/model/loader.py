@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from raycake.config import ModelConfig
+from raycake.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,14 +147,17 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
 
 
 def load_model(
-    model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"
+    model_dir: str | Path,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    moe: MoEConfig | None = None,
 ) -> LlamaForCausalLM:
     """Build the model described by ``config.json`` and fill it from the safetensors files."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     config = read_model_config(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, moe)
     # Materialize in the target dtype: the checkpoint is converted tensor by tensor on copy.
     model = model.to_empty(device=device).to(DTYPES[dtype])
     if config.tie_word_embeddings:

@@ -56,3 +56,39 @@ def test_killed_shard_is_restarted_and_the_step_retried(ray_session, tmp_path): 
     finally:
         for handle, _ in shards:
             ray.kill(handle)
+
+
+def test_engine_serves_through_expert_shards(ray_session, tmp_path):  # noqa: F811
+    from raycake import LLM, SamplingParams
+    from raycake.config import EngineConfig, MoEConfig
+
+    _mixtral(tmp_path, 4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[0, 5, 17, 33], [0, *range(10, 30)]]
+    local = LLM(str(tmp_path)).generate(prompts, params)
+    llm = LLM(config=EngineConfig(model=str(tmp_path), moe=MoEConfig(num_expert_shards=2)))
+    try:
+        sharded = llm.generate(prompts, params)
+    finally:
+        for handle, _ in llm.engine.expert_shards:
+            ray.kill(handle)
+    assert [o.token_ids for o in sharded] == [o.token_ids for o in local]
+
+
+def test_router_is_chosen_by_name_in_config(tmp_path):
+    from raycake.config import MoEConfig
+    from raycake.policies.routing import HashRouter, SwitchTop1Router
+
+    _mixtral(tmp_path, 4)
+    switch = load_model(tmp_path, moe=MoEConfig(router="switch", capacity_factor=1.25))
+    assert isinstance(switch.model.layers[0].mlp.router, SwitchTop1Router)
+    hashed = load_model(tmp_path, moe=MoEConfig(router="hash"))
+    assert isinstance(hashed.model.layers[1].mlp.router, HashRouter)
+    ids = torch.tensor([[0, 5, 17, 33]])
+    with torch.no_grad():
+        hashed(ids, torch.arange(4)[None])
+    # Hash routing sends a token to the same expert wherever it appears.
+    first = hashed.model.layers[0].last_routing.expert_indices[:, 0]
+    assert first.tolist() == hashed.model.layers[1].last_routing.expert_indices[:, 0].tolist()
+    with pytest.raises(ValueError, match=r"moe\.router"):
+        MoEConfig(router="learned-by-vibes")
