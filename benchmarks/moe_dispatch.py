@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import ray
 import torch
 
-from benchmarks.common import print_table, write_table
+from benchmarks.common import median_seconds, print_table, write_table
 from raycake.actors.expert_shard import attach_expert_shards, create_expert_shards
 from raycake.model.loader import load_model
 
@@ -43,17 +42,6 @@ def build_checkpoint(path: str) -> None:
     save_tokenizer(train_bpe(["def f(x):\n    return x\n"], 512), path)
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1000 * times[len(times) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256])
@@ -75,12 +63,12 @@ def main() -> None:
     with torch.inference_mode():
         for tokens in args.tokens:
             x = torch.randn(tokens, HIDDEN)
-            base = median_ms(lambda x=x: local_layer(x), args.repeats)
+            base = 1000 * median_seconds(lambda x=x: local_layer(x), args.repeats)
             rows.append(
                 {"tokens": tokens, "experts": "in-process", "ms": base, "vs_in_process": 1.0}
             )
             for n, layer in sharded_layers.items():
-                ms = median_ms(lambda x=x, layer=layer: layer(x), args.repeats)
+                ms = 1000 * median_seconds(lambda x=x, layer=layer: layer(x), args.repeats)
                 rows.append(
                     {
                         "tokens": tokens,

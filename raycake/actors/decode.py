@@ -9,41 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from raycake.actors.calibration import calibrate
-from raycake.actors.engine_loop import EngineLoop
-from raycake.actors.messages import DecodeWork, InstanceLoad, instance_load
-from raycake.config import EngineConfig, TelemetryConfig
-from raycake.engine.llm_engine import LLMEngine
+from raycake.actors.instance import EngineInstance
+from raycake.actors.messages import DecodeWork
 from raycake.engine.request_output import StreamDelta
-from raycake.telemetry import InstanceMetrics, Telemetry
-from raycake.transfer import make_kv_transfer
-from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
 
 # How long an arrived request waits for KV blocks to free up before it fails.
 ADMISSION_TIMEOUT_S = 60.0
 
 
-class DecodeInstance(RayDirectKVEndpoint):
-    def __init__(
-        self,
-        instance_id: str,
-        engine_config: EngineConfig,
-        transfer_backend: str = "object_store",
-        telemetry: TelemetryConfig | None = None,
-    ) -> None:
-        self.instance_id = instance_id
-        self.engine = LLMEngine(engine_config)
-        self.metrics = InstanceMetrics(instance_id)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.record)
-        self.transfer = make_kv_transfer(
-            transfer_backend, **transfer_options(transfer_backend, self)
-        )
-        self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
-        self.cost_model = calibrate(self.engine)
-
-    def ready(self) -> str:
-        return self.instance_id
-
+class DecodeInstance(EngineInstance):
     async def generate(self, work: DecodeWork) -> AsyncIterator[StreamDelta]:
         """Fetch the prompt's KV, join the running batch, stream deltas until finished."""
         with self.telemetry.span("transfer", work.trace_context, instance=self.instance_id):
@@ -72,9 +46,3 @@ class DecodeInstance(RayDirectKVEndpoint):
         finally:
             # A caller that goes away must not leave its request decoding.
             self.loop.unsubscribe(work.request_id)
-
-    def finished_spans(self) -> list[dict]:
-        return self.telemetry.finished_spans()
-
-    def load(self) -> InstanceLoad:
-        return instance_load(self.instance_id, self.engine, self.cost_model)

@@ -14,21 +14,18 @@ from typing import Any
 import torch
 from ray.exceptions import RayActorError
 
-from raycake.actors.calibration import calibrate, samples_from_steps
-from raycake.actors.engine_loop import EngineLoop
+from raycake.actors.calibration import samples_from_steps
+from raycake.actors.instance import EngineInstance
 from raycake.actors.kv_store import replica_shard, shard_for_block
-from raycake.actors.messages import InstanceLoad, PrefillResult, PrefillWork, instance_load
+from raycake.actors.messages import PrefillResult, PrefillWork
 from raycake.config import EngineConfig, TelemetryConfig
-from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.policies.cost_model import StepCostModel
-from raycake.telemetry import InstanceMetrics, Telemetry
-from raycake.transfer import KVHandle, make_kv_transfer
-from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
+from raycake.transfer import KVHandle
 from raycake.transfer.wire import KVBlockHeader, pack_kv, unpack_kv
 
 
-class PrefillInstance(RayDirectKVEndpoint):
+class PrefillInstance(EngineInstance):
     def __init__(
         self,
         instance_id: str,
@@ -37,23 +34,12 @@ class PrefillInstance(RayDirectKVEndpoint):
         store_shards: list[Any] | None = None,
         telemetry: TelemetryConfig | None = None,
     ) -> None:
-        self.instance_id = instance_id
-        self.engine = LLMEngine(engine_config)
-        self.metrics = InstanceMetrics(instance_id)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.record)
-        self.transfer = make_kv_transfer(
-            transfer_backend, **transfer_options(transfer_backend, self)
-        )
+        super().__init__(instance_id, engine_config, transfer_backend, telemetry)
         self.store_shards = list(store_shards or [])
-        self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
-        self.cost_model = calibrate(self.engine)
         self._background: set[asyncio.Task] = set()
         self._block_bytes = kv_cache_bytes_per_block(
             self.engine.model_config, engine_config.cache.block_size, self.engine.runner.dtype
         )
-
-    def ready(self) -> str:
-        return self.instance_id
 
     async def prefill(self, work: PrefillWork) -> PrefillResult:
         started = time.perf_counter()
@@ -180,12 +166,6 @@ class PrefillInstance(RayDirectKVEndpoint):
         if self._background:
             await asyncio.gather(*self._background)
         self.engine.scheduler.kv_cache.reset_prefix_cache()
-
-    def finished_spans(self) -> list[dict]:
-        return self.telemetry.finished_spans()
-
-    def load(self) -> InstanceLoad:
-        return instance_load(self.instance_id, self.engine, self.current_cost_model())
 
     def current_cost_model(self) -> StepCostModel:
         """Refit from recent real steps when they cover enough shapes; else the start-up fit."""
