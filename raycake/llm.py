@@ -51,6 +51,12 @@ class LLM:
                 ),
             )
         self.engine = LLMEngine(config)
+        self.expert_shards: list = []
+        if config.moe.num_expert_shards:
+            # MoE experts in ExpertShard actors (needs Ray, so imported only then).
+            from raycake.actors.expert_shard import enable_expert_parallelism
+
+            self.expert_shards = enable_expert_parallelism(self.engine)
 
     @property
     def tokenizer(self):

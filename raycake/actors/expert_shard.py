@@ -151,3 +151,17 @@ def attach_expert_shards(model: nn.Module, shards: list[tuple[Any, ExpertRange]]
             layer.mlp.experts = ShardedExperts(index, layer.mlp.num_experts, shards)
             attached += 1
     return attached
+
+
+def enable_expert_parallelism(engine: Any) -> list[tuple[Any, ExpertRange]]:
+    """Start the shards ``engine.config.moe`` asks for and route the model's MoE layers through
+    them; no-op (returns []) for a dense model or ``num_expert_shards == 0``."""
+    config = engine.config
+    num_experts = engine.model.config.num_experts
+    if not config.moe.num_expert_shards or not num_experts:
+        return []
+    shards = create_expert_shards(
+        engine.model_dir, num_experts, config.moe.num_expert_shards, config.dtype
+    )
+    attach_expert_shards(engine.model, shards)
+    return shards

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from raycake.actors.calibration import calibrate
 from raycake.actors.engine_loop import EngineLoop
+from raycake.actors.expert_shard import enable_expert_parallelism
 from raycake.actors.messages import InstanceLoad, instance_load
 from raycake.config import EngineConfig, TelemetryConfig
 from raycake.engine.llm_engine import LLMEngine
@@ -27,6 +28,7 @@ class EngineInstance(RayDirectKVEndpoint):
     ) -> None:
         self.instance_id = instance_id
         self.engine = LLMEngine(engine_config)
+        self.expert_shards = enable_expert_parallelism(self.engine)
         self.metrics = InstanceMetrics(instance_id)
         self.loop = EngineLoop(self.engine, on_step=self.metrics.record)
         self.transfer = make_kv_transfer(

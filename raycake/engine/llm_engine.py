@@ -74,14 +74,6 @@ class LLMEngine:
         self.model_dir = model_dir
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.model = load_model(model_dir, dtype=config.dtype, device=config.device, moe=config.moe)
-        if config.moe.num_expert_shards and self.model.config.num_experts:
-            # Expert parallelism needs Ray: shards are actors (see actors/expert_shard.py).
-            from raycake.actors.expert_shard import attach_expert_shards, create_expert_shards
-
-            self.expert_shards = create_expert_shards(
-                model_dir, self.model.config.num_experts, config.moe.num_expert_shards, config.dtype
-            )
-            attach_expert_shards(self.model, self.expert_shards)
         model_config = self.model.config
         self.model_config = model_config
         self.max_model_len = min(

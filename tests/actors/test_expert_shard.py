@@ -70,7 +70,7 @@ def test_engine_serves_through_expert_shards(ray_session, tmp_path):  # noqa: F8
     try:
         sharded = llm.generate(prompts, params)
     finally:
-        for handle, _ in llm.engine.expert_shards:
+        for handle, _ in llm.expert_shards:
             ray.kill(handle)
     assert [o.token_ids for o in sharded] == [o.token_ids for o in local]
 
