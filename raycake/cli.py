@@ -7,6 +7,8 @@ import sys
 import time
 from dataclasses import fields
 
+from raycake.config import TrainConfig
+
 
 def _generate(args: argparse.Namespace) -> int:
     from raycake import LLM, SamplingParams
@@ -42,7 +44,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from raycake.config import TrainConfig
     from raycake.training.trainer import train
 
     overrides = {
@@ -60,33 +61,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _start_cluster(config_path: str | None):
-    import ray
-
     from raycake.cluster.cluster import Cluster
     from raycake.config import ClusterConfig
 
-    config = ClusterConfig.from_file(config_path) if config_path else ClusterConfig()
-    if not ray.is_initialized():
-        # Join a running cluster (ray start / KubeRay / ray job submit) when there is one.
-        ray.init(
-            address=config.ray_address or _existing_cluster_address(), namespace=config.namespace
-        )
-    return Cluster(config)
-
-
-def _existing_cluster_address() -> str | None:
-    import os
-
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        return "auto"
-    try:
-        ray.init(address="auto", namespace="raycake-probe")
-    except (ConnectionError, RuntimeError):
-        return None
-    ray.shutdown()
-    return "auto"
+    return Cluster(ClusterConfig.from_file(config_path) if config_path else ClusterConfig())
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -190,25 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train the embedded default model on the stdlib corpus")
     tr.add_argument("--out-dir", dest="out_dir", required=True)
-    for name in (
-        "steps",
-        "batch_size",
-        "seq_len",
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "warmup_steps",
-        "eval_every",
-        "eval_batches",
-        "max_corpus_files",
-        "seed",
-    ):
-        tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
-    tr.add_argument("--learning-rate", dest="learning_rate", type=float)
-    tr.add_argument("--save-dtype", dest="save_dtype", choices=["float32", "bfloat16", "float16"])
+    # One flag per TrainConfig field, typed from the field: the config is the only list.
+    types = {"int": int, "int | None": int, "float": float, "str": str}
+    for f in fields(TrainConfig):
+        if f.name != "out_dir":
+            tr.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])
     tr.set_defaults(func=_train)
     return parser
 

@@ -44,6 +44,24 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _from_mapping(cls: type, data: Any, where: str, nested: dict[str, type] | None = None) -> Any:
+    """A config dataclass from a dict whose ``nested`` sections are dicts too; a section type
+    with its own ``from_dict`` builds itself. Unknown keys are an error that names them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; expected {sorted(known)}")
+    kwargs = dict(data)
+    for key, section in (nested or {}).items():
+        if key in kwargs:
+            build = getattr(section, "from_dict", None)
+            value = kwargs[key]
+            kwargs[key] = build(value) if build else _from_mapping(section, value, f"{where} {key}")
+    return cls(**kwargs)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 frequency scaling of RoPE (``rope_type: llama3``)."""
@@ -355,23 +373,8 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
         """Build from a plain dict (parsed JSON or YAML); unknown keys are an error."""
-        data = dict(data)
         nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "moe": MoEConfig}
-        kwargs: dict[str, Any] = {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"engine config: unknown field(s) {unknown}; expected {sorted(known)}")
-        for key, value in data.items():
-            if key in nested:
-                sub_known = {f.name for f in fields(nested[key])}
-                sub_unknown = sorted(set(value) - sub_known)
-                if sub_unknown:
-                    raise ValueError(f"engine config: unknown field(s) {key}.{sub_unknown}")
-                kwargs[key] = nested[key](**value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
+        return _from_mapping(cls, data, "engine config", nested)
 
     @classmethod
     def from_file(cls, path: str | Path) -> EngineConfig:
@@ -582,23 +585,12 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
         """Build from parsed YAML/JSON; nested sections are dicts; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"cluster config: unknown field(s) {unknown}; expected {sorted(known)}"
-            )
-        kwargs = dict(data)
-        if "engine" in kwargs:
-            kwargs["engine"] = EngineConfig.from_dict(kwargs["engine"])
-        for key, cls_ in (("scheduling", SchedulingConfig), ("telemetry", TelemetryConfig)):
-            if key in kwargs:
-                sub_known = {f.name for f in fields(cls_)}
-                sub_unknown = sorted(set(kwargs[key]) - sub_known)
-                if sub_unknown:
-                    raise ValueError(f"cluster config: unknown field(s) {key}.{sub_unknown}")
-                kwargs[key] = cls_(**kwargs[key])
-        return cls(**kwargs)
+        nested = {
+            "engine": EngineConfig,
+            "scheduling": SchedulingConfig,
+            "telemetry": TelemetryConfig,
+        }
+        return _from_mapping(cls, data, "cluster config", nested)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClusterConfig:

@@ -57,10 +57,6 @@ class Telemetry:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         self._tracer = provider.get_tracer("raycake")
 
-    @classmethod
-    def disabled(cls) -> Telemetry:
-        return cls(TelemetryConfig(), "disabled")
-
     @contextlib.contextmanager
     def span(
         self, name: str, parent: dict[str, str] | None = None, **attributes: Any

@@ -81,3 +81,28 @@ def build_checkpoint(spec: TinyLlama, out_dir: Path, seed: int = 0):
     model.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(train_bpe(_TOKENIZER_TEXT, VOCAB_SIZE), out_dir)
     return model
+
+
+def build_mixtral_checkpoint(out_dir: Path, num_experts: int, vocab_size: int = 300):
+    """Save a random ``MixtralForCausalLM`` (top-2 of ``num_experts``); return the HF model."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(num_experts)
+    config = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=num_experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    model = MixtralForCausalLM(config).eval()
+    model.save_pretrained(out_dir)
+    save_tokenizer(train_bpe(["def f(x):\n    return x + 1\n"], vocab_size), out_dir)
+    return model

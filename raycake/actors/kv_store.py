@@ -8,7 +8,6 @@ readers on the same node map it zero-copy. Which shard holds a block is ``shard_
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,16 +26,6 @@ def shard_for_block(block_hash: bytes, num_shards: int) -> int:
 def replica_shard(primary: int, num_shards: int) -> int:
     """Where a hot block's replica goes (and where readers look when the primary fails)."""
     return (primary + 1) % num_shards
-
-
-@dataclass(frozen=True)
-class StoredBlock:
-    """What a read returns: the header bytes and the block's object ref (wrapped, so Ray hands
-    the caller the ref rather than resolving it in transit)."""
-
-    block_hash: bytes
-    header: bytes
-    ref: list  # [ray.ObjectRef] of a numpy array
 
 
 class KVStoreShard:
@@ -83,17 +72,10 @@ class KVStoreShard:
             stored += 1
         return stored
 
-    def get_prefix(self, block_hashes: list[bytes]) -> list[StoredBlock]:
-        """The leading blocks of ``block_hashes`` this shard holds."""
-        found = self._store.get_prefix(block_hashes)
-        return [
-            StoredBlock(h, header, [ref])
-            for h, (header, ref) in zip(block_hashes, found, strict=False)
-        ]
-
     def read_prefix(self, block_hashes: list[bytes]) -> list[tuple[bytes, bytes, np.ndarray]]:
-        """Like ``get_prefix`` but with the blocks' bytes in the reply: one round trip for the
-        whole run instead of one fetch per block (blocks are small; the reply is not)."""
+        """The leading blocks of ``block_hashes`` this shard holds, bytes in the reply: one round
+        trip for the whole run instead of one fetch per block (blocks are small; the reply is
+        not, so it travels through the object store)."""
         found = self._store.get_prefix(block_hashes)
         arrays = ray.get([ref for _, ref in found])
         blocks = [

@@ -66,9 +66,8 @@ class PrefillInstance(EngineInstance):
             try:
                 exported = self.engine.export_kv(rid)
                 header, payload = pack_kv(exported.kv, exported.block_hashes, exported.num_tokens)
-                handle = None
-                if _continues(work, output.token_ids[0], output.finish_reason):
-                    handle = self.transfer.publish(header, payload)
+                finish = _finish_reason(work, output.finish_reason)
+                handle = None if finish else self.transfer.publish(header, payload)
                 if self.store_shards and exported.block_hashes:
                     # Off the request's critical path: the export is a copy, free to outlive it.
                     task = asyncio.get_running_loop().create_task(
@@ -78,7 +77,6 @@ class PrefillInstance(EngineInstance):
                     task.add_done_callback(self._background.discard)
             finally:
                 self.engine.release_kv(rid)
-        finish = None if handle is not None else _real_finish_reason(work, output.token_ids[0])
         return PrefillResult(
             request_id=work.request_id,
             instance_id=self.instance_id,
@@ -176,19 +174,12 @@ class PrefillInstance(EngineInstance):
             return self.cost_model
 
 
-def _real_finish_reason(work: PrefillWork, first_token: int) -> str | None:
-    params = work.sampling_params
-    if first_token in params.stop_token_ids:
+def _finish_reason(work: PrefillWork, prefill_reason: str | None) -> str | None:
+    """The request's own finish reason after its first token, or None when decoding goes on.
+
+    The prefill engine ran the real parameters with ``max_tokens=1``: its "stop" (EOS, a stop
+    token id) is the request's; its "length" is only the request's when it asked for one token.
+    """
+    if prefill_reason == "stop":
         return "stop"
-    return "length" if params.max_tokens == 1 else "stop"
-
-
-def _continues(work: PrefillWork, first_token: int, finish_reason: str | None) -> bool:
-    """Whether decoding goes on after the first token under the request's real parameters."""
-    params = work.sampling_params
-    # The prefill engine ran with max_tokens=1, so "length" only means it produced its token.
-    return (
-        finish_reason == "length"
-        and params.max_tokens > 1
-        and first_token not in (params.stop_token_ids)
-    )
+    return "length" if work.sampling_params.max_tokens == 1 else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,9 @@ class Cluster:
         self.telemetry = Telemetry(config.telemetry, "driver")
 
         if not ray.is_initialized():
-            ray.init(address=config.ray_address, namespace=config.namespace)
+            # Join a running cluster (ray start, KubeRay, ray job submit) when there is one.
+            address = config.ray_address or _running_cluster_address()
+            ray.init(address=address, namespace=config.namespace)
         self.metrics = ClusterMetrics()
         self.store_shards = [
             ray.remote(KVStoreShard)
@@ -348,6 +351,19 @@ class Cluster:
             self.conductor,
         ]:
             ray.kill(actor)
+
+
+def _running_cluster_address() -> str | None:
+    """ "auto" when a Ray cluster is reachable (RAY_ADDRESS set, or `ray start` ran), else None:
+    ``ray.init`` then starts a local one."""
+    if os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    try:
+        ray.init(address="auto", namespace="raycake-probe")
+    except (ConnectionError, RuntimeError):
+        return None
+    ray.shutdown()
+    return "auto"
 
 
 def _replayable(params: SamplingParams) -> bool:

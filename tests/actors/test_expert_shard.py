@@ -12,7 +12,7 @@ from raycake.actors.expert_shard import (
     expert_ranges,
 )
 from raycake.model.loader import load_model
-from tests.model.test_mixtral_parity import _mixtral
+from tests.llama_checkpoints import build_mixtral_checkpoint
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 
@@ -29,7 +29,7 @@ def test_expert_ranges_cover_every_expert_once():
 
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_sharded_experts_match_in_process(ray_session, tmp_path, num_shards):  # noqa: F811
-    _mixtral(tmp_path, 8)
+    build_mixtral_checkpoint(tmp_path, 8)
     local = load_model(tmp_path)
     remote = load_model(tmp_path)
     shards = create_expert_shards(tmp_path, 8, num_shards)
@@ -43,7 +43,7 @@ def test_sharded_experts_match_in_process(ray_session, tmp_path, num_shards):  #
 
 
 def test_killed_shard_is_restarted_and_the_step_retried(ray_session, tmp_path):  # noqa: F811
-    _mixtral(tmp_path, 4)
+    build_mixtral_checkpoint(tmp_path, 4)
     local = load_model(tmp_path)
     remote = load_model(tmp_path)
     shards = create_expert_shards(tmp_path, 4, 2, max_restarts=2)
@@ -62,7 +62,7 @@ def test_engine_serves_through_expert_shards(ray_session, tmp_path):  # noqa: F8
     from raycake import LLM, SamplingParams
     from raycake.config import EngineConfig, MoEConfig
 
-    _mixtral(tmp_path, 4)
+    build_mixtral_checkpoint(tmp_path, 4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [[0, 5, 17, 33], [0, *range(10, 30)]]
     local = LLM(str(tmp_path)).generate(prompts, params)
@@ -79,7 +79,7 @@ def test_router_is_chosen_by_name_in_config(tmp_path):
     from raycake.config import MoEConfig
     from raycake.policies.routing import HashRouter, SwitchTop1Router
 
-    _mixtral(tmp_path, 4)
+    build_mixtral_checkpoint(tmp_path, 4)
     switch = load_model(tmp_path, moe=MoEConfig(router="switch", capacity_factor=1.25))
     assert isinstance(switch.model.layers[0].mlp.router, SwitchTop1Router)
     hashed = load_model(tmp_path, moe=MoEConfig(router="hash"))

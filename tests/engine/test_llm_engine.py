@@ -23,15 +23,15 @@ def test_second_request_with_same_prefix_is_served_from_the_prefix_cache(model_d
     shared = list(range(3, 40))  # 37 tokens: 9 full blocks
     first = llm.generate([[*shared, 200, 201]], GREEDY)[0]
     assert first.num_cached_tokens == 0
-    computed_before = llm.engine.runner  # the runner's token count tells what was computed
+    runner = llm.engine.runner
     scheduled = []
-    original = computed_before.run_model
+    original = runner.run_model
 
     def spy(out):
         scheduled.append(dict(out.num_scheduled_tokens))
         return original(out)
 
-    computed_before.run_model = spy
+    runner.run_model = spy  # records what each step computes
     second = llm.generate([[*shared, 250, 251, 252]], GREEDY)[0]
     assert second.num_cached_tokens == 36  # 9 full blocks of the shared 37 tokens
     # The first step prefilled only the 4 uncached prompt tokens (37th shared token + 3 new).

@@ -7,39 +7,14 @@ import torch
 
 from raycake import LLM, SamplingParams
 from raycake.model.loader import load_model, save_checkpoint
-from raycake.training.bpe import save_tokenizer, train_bpe
+from tests.llama_checkpoints import build_mixtral_checkpoint
 
-VOCAB = 300
 PROMPTS = [[0, 5, 17, 33, 99, 2, 7], [0, *range(10, 60)], [0, 250, 3]]
-
-
-def _mixtral(tmp_path, num_experts: int):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(num_experts)
-    config = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=num_experts,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    model = MixtralForCausalLM(config).eval()
-    model.save_pretrained(tmp_path)
-    save_tokenizer(train_bpe(["def f(x):\n    return x + 1\n"], VOCAB), tmp_path)
-    return model
 
 
 @pytest.mark.parametrize("num_experts", [4, 8])
 def test_mixtral_logits_and_greedy_tokens_match(tmp_path, num_experts):
-    hf = _mixtral(tmp_path, num_experts)
+    hf = build_mixtral_checkpoint(tmp_path, num_experts)
     ours = load_model(tmp_path)
     assert ours.config.num_experts == num_experts
     ids = torch.tensor([PROMPTS[1]])
@@ -68,7 +43,7 @@ def test_mixtral_logits_and_greedy_tokens_match(tmp_path, num_experts):
 def test_mixtral_round_trips_through_save_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    _mixtral(tmp_path / "src", 4)
+    build_mixtral_checkpoint(tmp_path / "src", 4)
     ours = load_model(tmp_path / "src")
     save_checkpoint(ours, tmp_path / "dst")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
