@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train the embedded default model on the stdlib corpus")
     tr.add_argument("--out-dir", dest="out_dir", required=True)
     # One flag per TrainConfig field, typed from the field: the config is the only list.
-    types = {"int": int, "int | None": int, "float": float, "str": str}
+    types = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str}
     for f in fields(TrainConfig):
         if f.name != "out_dir":
             tr.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])

@@ -11,7 +11,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
+# SwitchLlamaForCausalLM is raycake's own: Llama with a Switch (top-1) MoE feed-forward in
+# every ``decoder_sparse_step``-th layer, the embedded MoE model's architecture.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM", "SwitchLlamaForCausalLM")
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MixtralForCausalLM": "mixtral",
+    "SwitchLlamaForCausalLM": "switch_llama",
+}
+# The routing a checkpoint was trained with: Mixtral's renormalized top-k, or Switch top-1.
+CHECKPOINT_ROUTERS = ("topk", "switch")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -105,9 +114,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
-    # Mixture of experts in every layer's feed-forward (Mixtral); 0: dense SwiGLU (Llama).
+    # Mixture of experts in the feed-forward (Mixtral, Switch); 0: dense SwiGLU (Llama).
     num_experts: int = 0
     num_experts_per_tok: int = 2
+    # Layer i is an MoE layer when (i + 1) % decoder_sparse_step == 0 (Qwen2-MoE's name):
+    # 1 = every layer (Mixtral), 2 = every other layer (Switch Transformer).
+    decoder_sparse_step: int = 1
+    router_type: str = "topk"
 
     def __post_init__(self) -> None:
         for name in (
@@ -143,6 +156,27 @@ class ModelConfig:
                 f"1..num_local_experts ({self.num_experts})",
                 self.num_experts_per_tok,
             )
+            _positive_int("decoder_sparse_step", self.decoder_sparse_step)
+            _require(
+                self.router_type in CHECKPOINT_ROUTERS,
+                "router_type",
+                f"one of {list(CHECKPOINT_ROUTERS)}",
+                self.router_type,
+            )
+            _require(
+                self.router_type != "switch" or self.num_experts_per_tok == 1,
+                "num_experts_per_tok",
+                "1 with router_type 'switch' (Switch routes each token to one expert)",
+                self.num_experts_per_tok,
+            )
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` has a routed MoE feed-forward."""
+        return bool(self.num_experts) and (index + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -232,6 +266,8 @@ class ModelConfig:
             architecture=architectures[0],
             num_experts=int(hf.get("num_local_experts") or 0),
             num_experts_per_tok=int(hf.get("num_experts_per_tok") or 2),
+            decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
+            router_type=str(hf.get("router_type") or "topk"),
         )
 
     def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
@@ -249,9 +285,12 @@ class ModelConfig:
                 "num_experts_per_tok": self.num_experts_per_tok,
                 "sliding_window": None,
             }
+            if self.architecture == "SwitchLlamaForCausalLM":
+                extra["decoder_sparse_step"] = self.decoder_sparse_step
+                extra["router_type"] = self.router_type
         return {
             "architectures": [self.architecture],
-            "model_type": "mixtral" if self.num_experts else "llama",
+            "model_type": MODEL_TYPES[self.architecture],
             **extra,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -408,6 +447,16 @@ class TrainConfig:
     # None: the whole stdlib. A small number makes a quick smoke run of the pipeline.
     max_corpus_files: int | None = None
     save_dtype: str = "float32"
+    # A folder whose tokenizer.json to reuse instead of training BPE (so that two models
+    # are compared on the same tokens); None: train one.
+    tokenizer_dir: str | None = None
+    # > 0: a Switch-MoE model (SwitchLlamaForCausalLM): top-1 routing over num_experts experts
+    # in every decoder_sparse_step-th layer, trained with the paper's capacity factor and
+    # load-balancing loss (alpha = 1e-2).
+    num_experts: int = 0
+    decoder_sparse_step: int = 2
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
         for name in (
@@ -445,6 +494,27 @@ class TrainConfig:
             str(SUPPORTED_DTYPES),
             self.save_dtype,
         )
+        _require(
+            isinstance(self.num_experts, int) and self.num_experts >= 0,
+            "train.num_experts",
+            "an integer >= 0 (0: dense)",
+            self.num_experts,
+        )
+        if self.num_experts:
+            _require(
+                self.num_experts >= 2,
+                "train.num_experts",
+                ">= 2 (one expert is a dense layer)",
+                self.num_experts,
+            )
+            _positive_int("train.decoder_sparse_step", self.decoder_sparse_step)
+            _require(
+                self.capacity_factor > 0,
+                "train.capacity_factor",
+                "> 0",
+                self.capacity_factor,
+            )
+            _require(self.aux_loss_coef >= 0, "train.aux_loss_coef", ">= 0", self.aux_loss_coef)
 
 
 SCHEDULING_POLICY_NAMES = ("cache_aware", "least_loaded", "random", "round_robin")

@@ -1,4 +1,4 @@
-"""Llama 3 (and Mixtral, its MoE sibling) in plain torch: one forward over a flattened batch that reads and writes a paged KV cache.
+"""Llama 3 (and its MoE siblings, Mixtral and Switch-Llama) in plain torch: one forward over a flattened batch that reads and writes a paged KV cache.
 
 Legend: T tokens in the step (or B x S when training without a cache), E hidden size,
 H query heads, K kv heads, Dh head dim, V vocabulary.
@@ -91,9 +91,10 @@ class LlamaMLP(nn.Module):
 
 def router_for(config: ModelConfig, moe: MoEConfig) -> Router:
     """The routing policy of a model's MoE layers: the checkpoint's own unless ``moe`` says."""
-    if moe.router is None or moe.router == "topk":
+    name = moe.router or config.router_type
+    if name == "topk":
         return make_router("topk", top_k=config.num_experts_per_tok)
-    if moe.router == "switch":
+    if name == "switch":
         return make_router(
             "switch",
             capacity_factor=moe.capacity_factor,
@@ -103,11 +104,11 @@ def router_for(config: ModelConfig, moe: MoEConfig) -> Router:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, moe: MoEConfig) -> None:
+    def __init__(self, config: ModelConfig, moe: MoEConfig, index: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config)
         self.mlp: nn.Module = LlamaMLP(config)
-        if config.num_experts:  # Mixtral: the same layer with a routed, sparse feed-forward
+        if config.is_moe_layer(index):  # the same layer with a routed, sparse feed-forward
             router = router_for(config, moe)
             self.mlp = MoEFeedForward(
                 config.hidden_size, config.intermediate_size, config.num_experts, router
@@ -141,7 +142,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, moe) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, moe, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)

@@ -1,4 +1,5 @@
-"""Train the embedded default model: BPE on the stdlib, then a small Llama 3 from scratch.
+"""Train the embedded models: BPE on the stdlib, then a small Llama 3 (or its Switch-MoE
+variant) from scratch.
 
 Writes a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) plus ``train_report.json`` and ``loss_curve.png`` beside it.
@@ -15,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from raycake.config import ModelConfig, TrainConfig
-from raycake.model.llama import LlamaForCausalLM
+from raycake.config import ModelConfig, MoEConfig, TrainConfig
+from raycake.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from raycake.model.loader import save_checkpoint
+from raycake.model.moe import MoEStats
 from raycake.training.bpe import BOS, EOS, save_tokenizer, train_bpe
 from raycake.training.corpus import read_texts, split_corpus
 
@@ -35,6 +38,12 @@ class TrainReport:
     unigram_loss: float
     unigram_perplexity: float
     seconds: float
+    # MoE models: parameters a token passes through (one expert per MoE layer).
+    num_active_parameters: int = 0
+    # MoE models, over the training run: (token, expert) pairs dropped at the training
+    # capacity factor, and the busiest expert's load over the mean (1.0 = balanced).
+    train_drop_rate: float = 0.0
+    train_imbalance: float = 1.0
 
 
 def encode_corpus(tokenizer, texts: list[str]) -> np.ndarray:
@@ -56,6 +65,15 @@ def unigram_cross_entropy(train: np.ndarray, held_out: np.ndarray, vocab_size: i
 
 
 def model_config_for(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    moe = {}
+    if cfg.num_experts:
+        moe = {
+            "architecture": "SwitchLlamaForCausalLM",
+            "num_experts": cfg.num_experts,
+            "num_experts_per_tok": 1,
+            "decoder_sparse_step": cfg.decoder_sparse_step,
+            "router_type": "switch",
+        }
     return ModelConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -69,7 +87,28 @@ def model_config_for(cfg: TrainConfig, tokenizer) -> ModelConfig:
         tie_word_embeddings=True,
         bos_token_id=tokenizer.token_to_id(BOS),
         eos_token_ids=(tokenizer.token_to_id(EOS),),
+        **moe,
     )
+
+
+def active_parameters(model: LlamaForCausalLM) -> int:
+    """Parameters one token passes through: MoE layers count one expert (top-1), not all."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            per_expert = sum(p[0].numel() for p in experts.parameters())
+            total -= (experts.num_experts - 1) * per_expert
+    return total
+
+
+def moe_losses(model: LlamaForCausalLM) -> list[torch.Tensor]:
+    """The Switch load-balancing loss of each MoE layer's last forward."""
+    return [
+        layer.last_routing.aux_loss
+        for layer in model.model.layers
+        if isinstance(layer, LlamaDecoderLayer) and layer.last_routing is not None
+    ]
 
 
 def init_weights(model: LlamaForCausalLM, num_layers: int) -> None:
@@ -80,9 +119,10 @@ def init_weights(model: LlamaForCausalLM, num_layers: int) -> None:
         elif name.endswith(".bias"):
             torch.nn.init.zeros_(param)
         else:
+            # experts.down_proj is the stacked [E, H, I] down projection of an MoE layer.
             std = (
                 0.02 / math.sqrt(2 * num_layers)
-                if name.endswith(("o_proj.weight", "down_proj.weight"))
+                if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
                 else 0.02
             )
             torch.nn.init.normal_(param, std=std)
@@ -125,7 +165,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.min_learning_rate + (cfg.learning_rate - cfg.min_learning_rate) * cosine
 
 
-def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +180,7 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
     ax.plot([h["step"] for h in evals], [h["held_out_loss"] for h in evals], "o-", label="held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("raycake default model: stdlib corpus")
+    ax.set_title(f"raycake {title}: stdlib corpus")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -159,14 +199,25 @@ def train(cfg: TrainConfig) -> TrainReport:
     limit = cfg.max_corpus_files
     train_texts = list(read_texts(split.train[:limit]))
     held_texts = list(read_texts(split.held_out[:limit]))
-    tokenizer = train_bpe(train_texts, cfg.vocab_size)
+    if cfg.tokenizer_dir is not None:
+        tokenizer = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+        if tokenizer.get_vocab_size() != cfg.vocab_size:
+            raise ValueError(
+                f"train.tokenizer_dir: {cfg.tokenizer_dir} has a vocabulary of "
+                f"{tokenizer.get_vocab_size()}, expected train.vocab_size {cfg.vocab_size}"
+            )
+    else:
+        tokenizer = train_bpe(train_texts, cfg.vocab_size)
     train_tokens = encode_corpus(tokenizer, train_texts)
     held_tokens = encode_corpus(tokenizer, held_texts)
 
     model_config = model_config_for(cfg, tokenizer)
-    model = LlamaForCausalLM(model_config)
+    # Training routes as the Switch paper trains: top-1 with tokens past capacity dropped.
+    moe = MoEConfig(router="switch", capacity_factor=cfg.capacity_factor)
+    model = LlamaForCausalLM(model_config, moe if cfg.num_experts else None)
     init_weights(model, cfg.num_hidden_layers)
     num_parameters = sum(p.numel() for p in model.parameters())
+    moe_stats = MoEStats(cfg.num_experts) if cfg.num_experts else None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -188,8 +239,14 @@ def train(cfg: TrainConfig) -> TrainReport:
         x, y = _batch(train_tokens, starts, cfg.seq_len)
         logits = model.compute_logits(model(x, positions))
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        objective = loss
+        if moe_stats is not None:
+            objective = loss + cfg.aux_loss_coef * torch.stack(moe_losses(model)).sum()
+            for layer in model.model.layers:
+                if layer.last_routing is not None:
+                    moe_stats.update(layer.last_routing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         history.append({"step": step, "train_loss": loss.item()})
@@ -216,10 +273,14 @@ def train(cfg: TrainConfig) -> TrainReport:
         unigram_loss=unigram,
         unigram_perplexity=math.exp(unigram),
         seconds=time.perf_counter() - started,
+        num_active_parameters=active_parameters(model),
+        train_drop_rate=moe_stats.drop_rate if moe_stats else 0.0,
+        train_imbalance=moe_stats.imbalance if moe_stats else 1.0,
     )
     (out_dir / "train_report.json").write_text(
         json.dumps({"config": asdict(cfg), "report": asdict(report), "history": history}, indent=1)
         + "\n"
     )
-    plot_losses(history, out_dir / "loss_curve.png")
+    title = f"Switch-MoE model ({cfg.num_experts} experts)" if cfg.num_experts else "default model"
+    plot_losses(history, out_dir / "loss_curve.png", title)
     return report
