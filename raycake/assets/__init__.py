@@ -1,11 +1,39 @@
-"""Files shipped inside the package: the embedded default model (``raycake train`` output)."""
+"""Files shipped inside the package: the embedded models (``raycake train`` output).
+
+``"default"`` is the dense 4M-parameter Llama; ``"default-moe"`` its Switch-MoE sibling (8
+experts in every other layer, top-1), trained on the same tokens with the same tokenizer.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "default"
+DEFAULT_MOE_MODEL_NAME = "default-moe"
+
+_ASSETS = Path(__file__).resolve().parent
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL_NAME: _ASSETS / "default_model",
+    DEFAULT_MOE_MODEL_NAME: _ASSETS / "default_moe_model",
+}
+# How each embedded model was built, for the error when its files are missing.
+_TRAIN_COMMANDS = {
+    DEFAULT_MODEL_NAME: "raycake train --out-dir raycake/assets/default_model",
+    DEFAULT_MOE_MODEL_NAME: (
+        "raycake train --out-dir raycake/assets/default_moe_model --steps 2000 --num-experts 8 "
+        "--tokenizer-dir raycake/assets/default_model --save-dtype bfloat16"
+    ),
+}
 
 
 def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent / "default_model"
+    return EMBEDDED_MODELS[DEFAULT_MODEL_NAME]
+
+
+def default_moe_model_dir() -> Path:
+    return EMBEDDED_MODELS[DEFAULT_MOE_MODEL_NAME]
+
+
+def train_command(name: str) -> str:
+    """The command that rebuilds embedded model ``name``."""
+    return _TRAIN_COMMANDS[name]

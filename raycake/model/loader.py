@@ -222,21 +222,22 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | Path, dtype: str = "
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """``"default"`` names the embedded model; anything else is a checkpoint folder."""
-    from raycake.assets import DEFAULT_MODEL_NAME, default_model_dir
+    """``"default"`` / ``"default-moe"`` name the embedded models; anything else is a folder."""
+    from raycake.assets import EMBEDDED_MODELS, train_command
 
-    if str(model) == DEFAULT_MODEL_NAME:
-        path = default_model_dir()
+    if str(model) in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[str(model)]
         if not (path / "config.json").is_file():
             raise CheckpointError(
-                f"{path}: the embedded default model is missing from this install; "
-                "rebuild it with `raycake train --out-dir raycake/assets/default_model`"
+                f"{path}: the embedded model {str(model)!r} is missing from this install; "
+                f"rebuild it with `{train_command(str(model))}`"
             )
         return path
     path = Path(model).expanduser()
     if not path.is_dir():
         raise CheckpointError(
-            f"model: {str(model)!r} is neither 'default' nor an existing checkpoint folder "
+            f"model: {str(model)!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) "
+            "nor an existing checkpoint folder "
             "(raycake loads local Hugging Face folders; nothing is downloaded)"
         )
     return path
