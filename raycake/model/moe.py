@@ -134,18 +134,27 @@ class MoEStats:
 
     num_experts: int
     tokens_per_expert: list[int] = field(default_factory=list)  # kept pairs per expert
+    # (token, choice) pairs the router sent to each expert, kept or dropped: its demand.
+    assigned_per_expert: list[int] = field(default_factory=list)
     num_assignments: int = 0  # (token, choice) pairs asked for, kept or not
     num_dropped: int = 0
 
     def __post_init__(self) -> None:
         if not self.tokens_per_expert:
             self.tokens_per_expert = [0] * self.num_experts
+        if not self.assigned_per_expert:
+            self.assigned_per_expert = [0] * self.num_experts
 
     def update(self, routing: RoutingResult) -> None:
         if routing.num_experts != self.num_experts:
             raise ValueError(f"stats over {self.num_experts} experts got {routing.num_experts}")
-        for expert, count in enumerate(routing.tokens_per_expert.tolist()):
-            self.tokens_per_expert[expert] += count
+        kept = routing.tokens_per_expert.tolist()
+        assigned = torch.bincount(
+            routing.expert_indices.flatten(), minlength=self.num_experts
+        ).tolist()
+        for expert in range(self.num_experts):
+            self.tokens_per_expert[expert] += kept[expert]
+            self.assigned_per_expert[expert] += assigned[expert]
         self.num_assignments += routing.expert_indices.numel()
         self.num_dropped += int(routing.num_dropped)
 
@@ -155,8 +164,21 @@ class MoEStats:
 
     @property
     def imbalance(self) -> float:
-        """Busiest expert's load over the mean load: 1.0 is perfect balance, E the worst."""
-        total = sum(self.tokens_per_expert)
-        if total == 0:
-            return 1.0
-        return max(self.tokens_per_expert) / (total / self.num_experts)
+        """Busiest expert's demand over the mean: 1.0 is perfect balance, E the worst.
+
+        Measured on the router's choices before capacity drops: with a capacity the kept load
+        is capped, so it would look balanced exactly when most tokens are being dropped.
+        """
+        return _max_over_mean(self.assigned_per_expert)
+
+    @property
+    def kept_imbalance(self) -> float:
+        """The same ratio over the tokens the experts actually ran (after drops)."""
+        return _max_over_mean(self.tokens_per_expert)
+
+
+def _max_over_mean(loads: list[int]) -> float:
+    total = sum(loads)
+    if total == 0:
+        return 1.0
+    return max(loads) / (total / len(loads))

@@ -113,4 +113,8 @@ def test_hash_router_layer_needs_token_ids_and_stats_accumulate():
     assert stats.tokens_per_expert == expected
     assert stats.num_assignments == 10 and stats.num_dropped == 2
     assert stats.drop_rate == pytest.approx(0.2)
-    assert stats.imbalance == pytest.approx(max(expected) / (8 / 4))
+    assert stats.kept_imbalance == pytest.approx(max(expected) / (8 / 4))
+    # Demand counts the two dropped pairs too: expert 0 was asked for by 4 of the 6 tokens.
+    assigned = [a + b for a, b in zip(expected, [2, 0, 0, 0], strict=True)]
+    assert stats.assigned_per_expert == assigned
+    assert stats.imbalance == pytest.approx(max(assigned) / (10 / 4))

@@ -76,3 +76,31 @@ def test_corpus_split_is_stable_and_disjoint():
     assert split_corpus().held_out == split.held_out
     # About 2% of files are held out.
     assert 0.005 < len(split.held_out) / (len(split.train) + len(split.held_out)) < 0.05
+
+
+def test_switch_moe_variant_trains_with_capacity_and_serves(trained, tmp_path):
+    """--num-experts: Switch FFN in every other layer, same tokenizer, active params ~ dense."""
+    moe_flags = [
+        "--num-hidden-layers", "2", "--num-experts", "4", "--capacity-factor", "1.0",
+        "--tokenizer-dir", str(trained),
+    ]  # fmt: skip
+    assert main(["train", "--out-dir", str(tmp_path), *TINY, *moe_flags]) == 0
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["architectures"] == ["SwitchLlamaForCausalLM"]
+    assert (hf["num_local_experts"], hf["decoder_sparse_step"]) == (4, 2)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    report = json.loads((tmp_path / "train_report.json").read_text())["report"]
+    expert = 3 * 32 * 64  # one SwiGLU expert: gate, up, down
+    router = 32 * 4
+    assert report["num_parameters"] - report["num_active_parameters"] == 3 * expert
+    # Active = a dense 2-layer model of the same widths plus the router.
+    dense_2_layers = 300 * 32 + 2 * (32 * (32 + 2 * 16) + 32 * 32 + expert + 2 * 32) + 32
+    assert report["num_active_parameters"] == dense_2_layers + router
+    # At capacity factor 1.0 tokens overflow: routing is never perfectly even (and a
+    # 40-step model's hidden states barely differ between tokens, so most are dropped).
+    assert 0.0 < report["train_drop_rate"] < 1.0
+    assert 1.0 < report["train_imbalance"] <= 4.0
+    assert report["held_out_loss"] < 0.8 * math.log(300)
+    llm = LLM(str(tmp_path))
+    out = llm.generate("import os\n", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].token_ids) == 6
