@@ -1,4 +1,4 @@
-"""The ``raycake`` command line: demo | serve | generate | train."""
+"""The ``raycake`` command line: demo | serve | generate | bench | train."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import fields
 
-from raycake.config import TrainConfig
+from raycake.config import MOE_ROUTERS, SUPPORTED_DTYPES, TrainConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -40,6 +40,38 @@ def _generate(args: argparse.Namespace) -> int:
         f"{num_tokens / elapsed:.1f} tokens/s]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raycake.bench import BenchConfig, run_bench
+    from raycake.config import MoEConfig
+
+    config = BenchConfig(
+        model=args.model,
+        dtype=args.dtype,
+        seed=args.seed,
+        dataset=args.dataset,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        moe=MoEConfig(
+            router=args.moe_router,
+            capacity_factor=args.capacity_factor,
+            num_expert_shards=args.num_expert_shards,
+        ),
+    )
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.is_dir():  # fail before the run, not after
+        raise FileNotFoundError(f"--output: folder {output.parent} does not exist")
+    report = run_bench(config, progress=not args.json and sys.stderr.isatty())
+    if output is not None:
+        output.write_text(report.to_json() + "\n")
+    print(report.to_json() if args.json else report.format_text())
     return 0
 
 
@@ -165,6 +197,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser(
+        "bench", help="offline workload through one local engine: throughput, latency, MoE load"
+    )
+    bench.add_argument(
+        "--model", default="default", help="checkpoint folder, 'default' or 'default-moe'"
+    )
+    bench.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES)
+    bench.add_argument("--seed", type=int, default=0, help="prompts, sampling and engine")
+    bench.add_argument(
+        "--dataset",
+        default="random",
+        choices=["random", "corpus"],
+        help="random token ids, or held-out stdlib source",
+    )
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    bench.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    bench.add_argument("--max-num-seqs", type=int, default=64)
+    bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    bench.add_argument(
+        "--moe-router", choices=MOE_ROUTERS, help="MoE routing policy (default: the model's)"
+    )
+    bench.add_argument(
+        "--capacity-factor", type=float, help="switch router expert capacity (default: dropless)"
+    )
+    bench.add_argument(
+        "--num-expert-shards", type=int, default=0, help="run experts in N Ray actors"
+    )
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument("--output", help="also write the JSON report to this file")
+    bench.set_defaults(func=_bench)
 
     tr = sub.add_parser("train", help="train the embedded default model on the stdlib corpus")
     tr.add_argument("--out-dir", dest="out_dir", required=True)

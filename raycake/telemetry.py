@@ -4,13 +4,16 @@ Spans: each stage (conductor, prefill, transfer, decode) opens a span whose pare
 W3C trace-context dict carried in the actor messages, so one request is one trace. Exporter by
 config: "none", "console", "memory" (kept in the process, for tests and ``finished_spans``) or
 "otlp" (needs the opentelemetry-exporter-otlp package).
+
+Metrics: ``ray.util.metrics`` series, exported by Ray to Prometheus as ``ray_raycake_*``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -22,6 +25,10 @@ from opentelemetry.trace import NonRecordingSpan, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from raycake.config import TelemetryConfig
+from raycake.engine.llm_engine import moe_load_since
+
+if TYPE_CHECKING:
+    from raycake.model.moe import MoEStats
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -109,26 +116,68 @@ class ClusterMetrics:
 
 
 class InstanceMetrics:
-    """Per-instance gauges, labelled with the instance id (a no-op outside a Ray worker)."""
+    """Per-instance gauges, labelled with the instance id (a no-op outside a Ray worker).
 
-    def __init__(self, instance_id: str) -> None:
+    ``record(engine)`` runs after every engine step. Queue length and KV usage are the current
+    values. The MoE gauges (expert load per layer, drop rate, imbalance) show a recent window
+    rather than one noisy step or the whole life of the instance: each publication is the load
+    added since the previous one (``moe_load_since`` over the engine's cumulative counts),
+    published at most every ``moe_window_s`` seconds (the first step at once). An idle
+    instance keeps its last window's values.
+    """
+
+    def __init__(self, instance_id: str, moe_window_s: float = 5.0) -> None:
         import ray
 
         self._tags = {"instance": instance_id}
-        self._queue = self._kv_usage = None
-        if ray.is_initialized():
-            from ray.util.metrics import Gauge
+        self.moe_window_s = moe_window_s
+        self._moe_baseline: dict[int, MoEStats] = {}
+        self._moe_published_at: float | None = None
+        self._enabled = ray.is_initialized()
+        if not self._enabled:
+            return
+        from ray.util.metrics import Gauge
 
-            self._queue = Gauge(
-                "raycake_queue_length", "Requests waiting or running", tag_keys=("instance",)
-            )
-            self._kv_usage = Gauge(
-                "raycake_kv_cache_usage", "Fraction of KV blocks in use", tag_keys=("instance",)
-            )
+        self._queue = Gauge(
+            "raycake_queue_length", "Requests waiting or running", tag_keys=("instance",)
+        )
+        self._kv_usage = Gauge(
+            "raycake_kv_cache_usage", "Fraction of KV blocks in use", tag_keys=("instance",)
+        )
+        self._expert_tokens = Gauge(
+            "raycake_moe_expert_tokens",
+            "(token, choice) pairs each expert ran in the last window",
+            tag_keys=("instance", "layer", "expert"),
+        )
+        self._drop_rate = Gauge(
+            "raycake_moe_drop_rate",
+            "Fraction of (token, choice) pairs dropped at expert capacity in the last window",
+            tag_keys=("instance", "layer"),
+        )
+        self._imbalance = Gauge(
+            "raycake_moe_imbalance",
+            "Busiest expert's demand (router choices, before capacity drops) over the mean, "
+            "last window (1 is balanced)",
+            tag_keys=("instance", "layer"),
+        )
 
     def record(self, engine: Any) -> None:
-        if self._queue is None or self._kv_usage is None:
+        if not self._enabled:
             return
         stats = engine.stats()
         self._queue.set(stats.num_running + stats.num_waiting, tags=self._tags)
         self._kv_usage.set(stats.kv_cache_usage, tags=self._tags)
+        now = time.monotonic()
+        if self._moe_published_at is None or now - self._moe_published_at >= self.moe_window_s:
+            self._moe_published_at = now
+            self._record_moe(engine.moe_stats())
+
+    def _record_moe(self, current: dict[int, MoEStats]) -> None:
+        window = moe_load_since(current, self._moe_baseline)
+        self._moe_baseline = current
+        for layer, load in window.items():
+            tags = {**self._tags, "layer": str(layer)}
+            for expert, tokens in enumerate(load.tokens_per_expert):
+                self._expert_tokens.set(tokens, tags={**tags, "expert": str(expert)})
+            self._drop_rate.set(load.drop_rate, tags=tags)
+            self._imbalance.set(load.imbalance, tags=tags)

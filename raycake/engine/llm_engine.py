@@ -1,7 +1,15 @@
-"""One serving instance without Ray: tokenizer, scheduler, runner and output processing."""
+"""One serving instance without Ray: tokenizer, scheduler, runner and output processing.
+
+MoE load: the engine keeps one ``MoEStats`` per MoE layer, summed over every step since it
+started and never reset, like a Prometheus counter. A reader takes the load of any interval as
+the difference of two reads of ``moe_stats()`` (``moe_load_since``): the instance gauges show
+the last few seconds, the ``raycake bench`` report the whole measured run.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -23,6 +31,7 @@ from raycake.engine.runner import ModelRunner, num_blocks_for
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.scheduler import Scheduler
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
+from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -88,6 +97,12 @@ class LLMEngine:
         self._finished: dict[str, RequestOutput] = {}
         self._ids = itertools.count()
         self.last_step: StepRecord | None = None
+        # Expert load per MoE layer, by decoder layer index (empty for a dense model).
+        self._moe_stats = {
+            i: MoEStats(model_config.num_experts)
+            for i in range(model_config.num_hidden_layers)
+            if model_config.is_moe_layer(i)
+        }
 
     @property
     def model_path(self) -> Path:
@@ -241,6 +256,8 @@ class LLMEngine:
             for rid in scheduler_output.num_scheduled_tokens
         )
         runner_output = self.runner.execute(scheduler_output)
+        if self._moe_stats and not scheduler_output.is_empty:  # the model ran this step
+            self._record_moe_load()
         self.last_step = StepRecord(
             num_tokens=scheduler_output.total_num_scheduled_tokens,
             num_requests=len(scheduler_output.num_scheduled_tokens),
@@ -326,3 +343,51 @@ class LLMEngine:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    # ---- MoE expert load -------------------------------------------------------------------
+
+    def moe_stats(self) -> dict[int, MoEStats]:
+        """Expert load of each MoE layer (decoder layer index -> a copy of its stats), summed
+        over every step since the engine started; {} for a dense model.
+
+        NOTE: the counts are the (token, choice) pairs the model computed, so they include
+        calibration and warm-up steps, and not prompt tokens served from the prefix cache.
+        """
+        return copy.deepcopy(self._moe_stats)
+
+    def _record_moe_load(self) -> None:
+        """Add the step's routing of every MoE layer (``layer.last_routing``) to its stats.
+
+        NOTE: reads a few counts to the host per MoE layer, after sampling has already waited
+        for the step, so the device has nothing queued to drain.
+        """
+        layers = self.model.model.layers
+        for index, stats in self._moe_stats.items():
+            stats.update(layers[index].last_routing)
+
+
+def moe_load_since(
+    current: dict[int, MoEStats], baseline: dict[int, MoEStats]
+) -> dict[int, MoEStats]:
+    """The expert load between two reads of ``LLMEngine.moe_stats()``, per layer (a layer
+    missing from ``baseline`` counts from zero).
+
+    NOTE: every ``MoEStats`` field but ``num_experts`` is a count summed over steps (an int or
+    a list of ints), so the difference is taken field by field.
+    """
+    window = {}
+    for layer, now in current.items():
+        before = baseline.get(layer)
+        if before is None:
+            window[layer] = copy.deepcopy(now)
+            continue
+        counts = {}
+        for f in dataclasses.fields(now):
+            if f.name == "num_experts":
+                continue
+            a, b = getattr(now, f.name), getattr(before, f.name)
+            counts[f.name] = (
+                [x - y for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a - b
+            )
+        window[layer] = dataclasses.replace(now, **counts)
+    return window

@@ -1,0 +1,304 @@
+"""``raycake bench``: an offline workload through one local engine, and what it measured.
+
+In the shape of vLLM's ``bench throughput``: every request is queued at once and the engine
+batches them continuously, so TTFT includes queueing behind the batch (an online service's
+latency under load is what ``raycake demo`` measures). The report adds what a model costs to
+hold (``weight_bytes``) and, for MoE models, the expert load of each MoE layer over the run.
+
+Prompts are ``input_len`` tokens each: uniformly random token ids ("random"), or windows of
+held-out standard-library source the embedded models never trained on ("corpus"). Both are
+drawn from ``seed``; requests sample at temperature 1 with per-request seeds and ignore EOS,
+so a run is repeatable and always produces ``output_len`` tokens per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from raycake.config import EngineConfig, MoEConfig, SchedulerConfig
+from raycake.engine.llm_engine import moe_load_since
+from raycake.engine.request_output import RequestOutput
+from raycake.engine.sampling_params import SamplingParams
+from raycake.model.moe import MoEStats
+from raycake.model.tokenizer import Tokenizer
+
+DATASETS = ("random", "corpus")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run: the engine to build and the workload to put through it."""
+
+    model: str = "default"  # checkpoint folder, "default" or "default-moe"
+    dtype: str = "float32"
+    seed: int = 0  # prompts, sampling and the engine
+    dataset: str = "random"  # one of DATASETS
+    num_prompts: int = 64
+    input_len: int = 128  # prompt tokens per request
+    output_len: int = 128  # generated tokens per request
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "input_len", "output_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {self.dataset!r}")
+        # Build the engine config once now, so bad engine fields fail before a model loads.
+        _ = self.engine_config
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            dtype=self.dtype,
+            seed=self.seed,
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+            ),
+            moe=self.moe,
+        )
+
+
+@dataclass(frozen=True)
+class MoELayerLoad:
+    """One MoE layer's expert load over the run (see ``MoEStats``)."""
+
+    layer: int  # decoder layer index
+    tokens_per_expert: tuple[int, ...]  # (token, choice) pairs each expert ran
+    assigned_per_expert: tuple[int, ...]  # pairs the router sent each expert, kept or dropped
+    num_assignments: int  # (token, choice) pairs routed, kept or dropped
+    num_dropped: int  # pairs dropped at expert capacity
+    drop_rate: float  # num_dropped / num_assignments
+    imbalance: float  # busiest expert's demand (assigned) over the mean; 1.0 is balanced
+    kept_imbalance: float  # the same over the pairs the experts ran
+
+    @classmethod
+    def from_stats(cls, layer: int, stats: MoEStats) -> MoELayerLoad:
+        return cls(
+            layer=layer,
+            tokens_per_expert=tuple(stats.tokens_per_expert),
+            assigned_per_expert=tuple(stats.assigned_per_expert),
+            num_assignments=stats.num_assignments,
+            num_dropped=stats.num_dropped,
+            drop_rate=stats.drop_rate,
+            imbalance=stats.imbalance,
+            kept_imbalance=stats.kept_imbalance,
+        )
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What one run measured; ``to_json`` is the ``--json`` / ``--output`` form."""
+
+    config: BenchConfig
+    model_dir: str  # the checkpoint folder ``config.model`` resolved to
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    elapsed_s: float  # first request queued to last request finished
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float  # prompt and output tokens
+    # Latency percentiles in ms; None when there is nothing to measure (TBT with output_len 1).
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    tbt_p50_ms: float | None
+    tbt_p90_ms: float | None
+    weight_bytes: int  # see ``weight_bytes``
+    router: str | None  # the MoE layers' routing policy; None for a dense model
+    moe_layers: tuple[MoELayerLoad, ...] = ()  # empty for a dense model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format_text(self) -> str:
+        c = self.config
+        model = c.model if c.model == self.model_dir else f"{c.model} ({self.model_dir})"
+        lines = [
+            f"model {model}, {c.dtype}; {c.num_prompts} {c.dataset} prompts of {c.input_len} "
+            f"tokens, {c.output_len} out; max_num_seqs {c.max_num_seqs}",
+            f"requests        {self.num_requests}",
+            f"prompt tokens   {self.prompt_tokens:,}",
+            f"output tokens   {self.output_tokens:,}",
+            f"elapsed         {self.elapsed_s:.2f} s",
+            f"throughput      {self.requests_per_s:.2f} requests/s, "
+            f"{self.output_tokens_per_s:.1f} output tokens/s, "
+            f"{self.total_tokens_per_s:.1f} total tokens/s",
+            f"TTFT ms         p50 {_ms(self.ttft_p50_ms)}  p90 {_ms(self.ttft_p90_ms)}",
+            f"TBT ms          p50 {_ms(self.tbt_p50_ms)}  p90 {_ms(self.tbt_p90_ms)}",
+            f"weight memory   {self.weight_bytes:,} bytes ({self.weight_bytes / 2**20:.1f} MiB)"
+            + (
+                f" here; experts in {c.moe.num_expert_shards} shard actors not counted"
+                if c.moe.num_expert_shards and self.moe_layers
+                else ""
+            ),
+        ]
+        if self.moe_layers:
+            capacity = c.moe.capacity_factor
+            lines += [
+                "",
+                f"MoE expert load over the run: router {self.router}, capacity factor "
+                f"{'none (dropless)' if capacity is None else capacity}",
+                "(imbalance: busiest expert over the mean, 1.00 is balanced, of the router's "
+                "choices; kept: of the tokens the experts ran, after drops at capacity)",
+                "layer  drop rate  imbalance  kept imbalance  tokens per expert (kept)",
+            ]
+            for load in self.moe_layers:
+                tokens = " ".join(str(n) for n in load.tokens_per_expert)
+                lines.append(
+                    f"{load.layer:>5}  {load.drop_rate:>9.2%}  {load.imbalance:>9.2f}  "
+                    f"{load.kept_imbalance:>14.2f}  {tokens}"
+                )
+        return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take as loaded: every parameter and persistent buffer (what a
+    checkpoint of it holds, e.g. quantized weights and their scales), a tensor shared by
+    several modules (tied embeddings) counted once. Experts moved to expert-shard actors are
+    not in the model, so not counted."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict(keep_vars=True).values():  # the tensors themselves
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile, interpolating between closest ranks (numpy's default); None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def random_prompts(
+    rng: random.Random, vocab_size: int, num_prompts: int, input_len: int
+) -> list[list[int]]:
+    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+def corpus_prompts(
+    rng: random.Random, tokenizer: Tokenizer, num_prompts: int, input_len: int
+) -> list[list[int]]:
+    """Windows of ``input_len`` tokens at random places in held-out standard-library files."""
+    from raycake.training.corpus import read_texts, split_corpus
+
+    sources = [
+        ids
+        for ids in (
+            tokenizer.encode(t, add_special_tokens=False)
+            for t in read_texts(split_corpus().held_out)
+        )
+        if len(ids) >= input_len
+    ]
+    if not sources:
+        raise ValueError(f"input_len: no held-out corpus file has {input_len} tokens")
+    prompts = []
+    for _ in range(num_prompts):
+        ids = rng.choice(sources)
+        start = rng.randrange(len(ids) - input_len + 1)
+        prompts.append(ids[start : start + input_len])
+    return prompts
+
+
+def run_bench(config: BenchConfig, progress: bool = False) -> BenchReport:
+    """Build the engine, put the workload through it once, and report."""
+    from raycake.llm import LLM
+    from raycake.model.llama import router_for
+
+    # NOTE: expert-shard actors (``moe.num_expert_shards``) belong to the LLM and live until
+    # Ray shuts down with this process.
+    llm = LLM(config=config.engine_config)
+    engine = llm.engine
+    total_len = config.input_len + config.output_len
+    if total_len > engine.max_model_len:
+        raise ValueError(
+            f"input_len + output_len: {total_len} tokens exceed the model's max_model_len "
+            f"{engine.max_model_len}"
+        )
+    rng = random.Random(config.seed)
+    if config.dataset == "random":
+        vocab = engine.model_config.vocab_size
+        prompts = random_prompts(rng, vocab, config.num_prompts, config.input_len)
+    else:
+        prompts = corpus_prompts(rng, engine.tokenizer, config.num_prompts, config.input_len)
+    params = [
+        SamplingParams(seed=config.seed + i, max_tokens=config.output_len, ignore_eos=True)
+        for i in range(config.num_prompts)
+    ]
+    # Warm-up: one short request, so one-time costs stay out of the timings. Too short to
+    # fill a KV block, it leaves nothing in the prefix cache for the workload to reuse.
+    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
+    baseline = engine.moe_stats()
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    elapsed = time.perf_counter() - started
+    moe_load = moe_load_since(engine.moe_stats(), baseline)
+    return _report(
+        config,
+        str(engine.model_dir),
+        outputs,
+        elapsed,
+        weight_bytes(engine.model),
+        router_for(engine.model_config, config.moe).name if moe_load else None,
+        moe_load,
+    )
+
+
+def _report(
+    config: BenchConfig,
+    model_dir: str,
+    outputs: list[RequestOutput],
+    elapsed: float,
+    num_weight_bytes: int,
+    router: str | None,
+    moe_load: dict[int, MoEStats],
+) -> BenchReport:
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    output_tokens = sum(len(o.token_ids) for o in outputs)
+    ttft = [1000 * o.metrics.ttft for o in outputs if o.metrics.ttft is not None]
+    tbt = [1000 * gap for o in outputs for gap in o.metrics.tbt]
+    return BenchReport(
+        config=config,
+        model_dir=model_dir,
+        num_requests=len(outputs),
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        elapsed_s=elapsed,
+        requests_per_s=len(outputs) / elapsed,
+        output_tokens_per_s=output_tokens / elapsed,
+        total_tokens_per_s=(prompt_tokens + output_tokens) / elapsed,
+        ttft_p50_ms=percentile(ttft, 50),
+        ttft_p90_ms=percentile(ttft, 90),
+        tbt_p50_ms=percentile(tbt, 50),
+        tbt_p90_ms=percentile(tbt, 90),
+        weight_bytes=num_weight_bytes,
+        router=router,
+        moe_layers=tuple(MoELayerLoad.from_stats(i, s) for i, s in sorted(moe_load.items())),
+    )
