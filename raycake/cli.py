@@ -92,17 +92,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_cluster(config_path: str | None):
+def _start_cluster(
+    config_path: str | None, model: str | None = None, num_expert_shards: int | None = None
+):
+    """The cluster of ``config_path`` (or the default one), with the demo's overrides applied."""
+    from dataclasses import replace
+
     from raycake.cluster.cluster import Cluster
     from raycake.config import ClusterConfig
 
-    return Cluster(ClusterConfig.from_file(config_path) if config_path else ClusterConfig())
+    config = ClusterConfig.from_file(config_path) if config_path else ClusterConfig()
+    engine = config.engine
+    if model is not None:
+        engine = replace(engine, model=model)
+    if num_expert_shards is not None:
+        engine = replace(engine, moe=replace(engine.moe, num_expert_shards=num_expert_shards))
+    return Cluster(replace(config, engine=engine))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from raycake.cluster.workload import run_multi_turn
 
-    cluster = _start_cluster(args.config)
+    cluster = _start_cluster(args.config, args.model, args.num_expert_shards)
     outputs, summary = run_multi_turn(
         cluster, num_sessions=args.sessions, num_turns=args.turns, max_tokens=args.max_tokens
     )
@@ -177,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="disaggregated cluster on local Ray: multi-turn workload, latency report"
     )
     demo.add_argument("--config", help="cluster YAML/JSON (default: 1 prefill, 1 decode, 2 shards)")
+    demo.add_argument(
+        "--model",
+        help="overrides the config's engine.model: a checkpoint folder, 'default' or "
+        "'default-moe' (the embedded Switch-MoE model)",
+    )
+    demo.add_argument(
+        "--num-expert-shards",
+        type=int,
+        help="MoE models: run each instance's experts in this many ExpertShard actors",
+    )
     demo.add_argument("--sessions", type=int, default=6)
     demo.add_argument("--turns", type=int, default=3)
     demo.add_argument("--max-tokens", type=int, default=32)
