@@ -47,6 +47,7 @@ class BenchConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     moe: MoEConfig = field(default_factory=MoEConfig)
+    quantization: str | None = None  # "int8": LLM.int8() linear layers
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len"):
@@ -69,6 +70,7 @@ class BenchConfig:
                 max_num_batched_tokens=self.max_num_batched_tokens,
             ),
             moe=self.moe,
+            quantization=self.quantization,
         )
 
 
@@ -131,7 +133,7 @@ class BenchReport:
         c = self.config
         model = c.model if c.model == self.model_dir else f"{c.model} ({self.model_dir})"
         lines = [
-            f"model {model}, {c.dtype}; {c.num_prompts} {c.dataset} prompts of {c.input_len} "
+            f"model {model}, {c.dtype}{', int8 weights' if c.quantization else ''}; {c.num_prompts} {c.dataset} prompts of {c.input_len} "
             f"tokens, {c.output_len} out; max_num_seqs {c.max_num_seqs}",
             f"requests        {self.num_requests}",
             f"prompt tokens   {self.prompt_tokens:,}",
@@ -230,11 +232,14 @@ def corpus_prompts(
 def run_bench(config: BenchConfig, progress: bool = False) -> BenchReport:
     """Build the engine, put the workload through it once, and report."""
     from raycake.llm import LLM
+
+    with LLM(config=config.engine_config) as llm:  # closes expert shards, if any
+        return _run(llm, config, progress)
+
+
+def _run(llm: Any, config: BenchConfig, progress: bool) -> BenchReport:
     from raycake.model.llama import router_for
 
-    # NOTE: expert-shard actors (``moe.num_expert_shards``) belong to the LLM and live until
-    # Ray shuts down with this process.
-    llm = LLM(config=config.engine_config)
     engine = llm.engine
     total_len = config.input_len + config.output_len
     if total_len > engine.max_model_len:

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import fields
 
-from raycake.config import MOE_ROUTERS, SUPPORTED_DTYPES, TrainConfig
+from raycake.config import MOE_ROUTERS, QUANTIZATIONS, SUPPORTED_DTYPES, TrainConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -64,6 +64,7 @@ def _bench(args: argparse.Namespace) -> int:
             capacity_factor=args.capacity_factor,
             num_expert_shards=args.num_expert_shards,
         ),
+        quantization=args.quantization,
     )
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.is_dir():  # fail before the run, not after
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="default", help="checkpoint folder, 'default' or 'default-moe'"
     )
     bench.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES)
+    bench.add_argument(
+        "--quantization", choices=QUANTIZATIONS, help="int8: LLM.int8() weights (default: none)"
+    )
     bench.add_argument("--seed", type=int, default=0, help="prompts, sampling and engine")
     bench.add_argument(
         "--dataset",

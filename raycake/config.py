@@ -22,6 +22,8 @@ MODEL_TYPES = {
 # The routing a checkpoint was trained with: Mixtral's renormalized top-k, or Switch top-1.
 CHECKPOINT_ROUTERS = ("topk", "switch")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# Weight quantization at load time: None keeps the checkpoint's weights in ``dtype``.
+QUANTIZATIONS = ("int8",)
 
 
 def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
@@ -357,6 +359,7 @@ class SchedulerConfig:
 
 
 MOE_ROUTERS = ("hash", "switch", "topk")
+EXPERT_TRANSPORTS = ("auto", "compiled", "calls")
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     # 0: experts in-process; N: ExpertShard Ray actors, each holding a range of every layer's.
     num_expert_shards: int = 0
+    # How a step reaches the shards: "compiled" (a Ray Compiled Graph; its channels busy-wait,
+    # a core per shard), "calls" (ordinary actor calls), "auto" (compiled when cores allow).
+    expert_transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.router is not None:
@@ -385,6 +391,12 @@ class MoEConfig:
             "an integer >= 0",
             self.num_expert_shards,
         )
+        _require(
+            self.expert_transport in EXPERT_TRANSPORTS,
+            "moe.expert_transport",
+            f"one of {list(EXPERT_TRANSPORTS)}",
+            self.expert_transport,
+        )
 
 
 @dataclass(frozen=True)
@@ -398,6 +410,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # "int8": LLM.int8() linear layers (int8 weights, outlier features in ``dtype``).
+    quantization: str | None = None
+    # |x| at or above which an activation feature column is an outlier kept out of int8.
+    int8_threshold: float = 6.0
 
     def __post_init__(self) -> None:
         _require(
@@ -407,6 +423,19 @@ class EngineConfig:
             self.model,
         )
         _require(self.dtype in SUPPORTED_DTYPES, "dtype", f"one of {SUPPORTED_DTYPES}", self.dtype)
+        if self.quantization is not None:
+            _require(
+                self.quantization in QUANTIZATIONS,
+                "quantization",
+                f"one of {list(QUANTIZATIONS)} or null",
+                self.quantization,
+            )
+        _require(
+            isinstance(self.int8_threshold, (int, float)) and self.int8_threshold >= 0,
+            "int8_threshold",
+            "a number >= 0 (0: no outlier decomposition)",
+            self.int8_threshold,
+        )
         _require(isinstance(self.seed, int), "seed", "an integer", self.seed)
 
     @classmethod

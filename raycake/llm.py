@@ -32,6 +32,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
+        quantization: str | None = None,
         config: EngineConfig | None = None,
     ) -> None:
         if config is None:
@@ -49,14 +50,27 @@ class LLM:
                     max_num_batched_tokens=max_num_batched_tokens,
                     max_model_len=max_model_len,
                 ),
+                quantization=quantization,
             )
         self.engine = LLMEngine(config)
-        self.expert_shards: list = []
+        self.expert_shards = None  # ExpertShards when the experts run in Ray actors
         if config.moe.num_expert_shards:
             # MoE experts in ExpertShard actors (needs Ray, so imported only then).
             from raycake.actors.expert_shard import enable_expert_parallelism
 
             self.expert_shards = enable_expert_parallelism(self.engine)
+
+    def close(self) -> None:
+        """Stop the expert-shard actors, if any (a compiled graph's channels busy-wait)."""
+        if self.expert_shards is not None:
+            self.expert_shards.close()
+            self.expert_shards = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

@@ -122,6 +122,7 @@ def test_moe_report_counts_every_computed_token_and_serializes(mixtral):
         "router": "switch",
         "capacity_factor": 1.0,
         "num_expert_shards": 0,
+        "expert_transport": "auto",
     }
     assert data["moe_layers"][0]["tokens_per_expert"] == list(
         report.moe_layers[0].tokens_per_expert

@@ -99,13 +99,20 @@ class ShardStep(NamedTuple):
 class ExpertShard:
     """A plain class; ``create_expert_shards`` runs it as a Ray actor."""
 
-    def __init__(self, model_dir: str | Path, experts: ExpertRange, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        experts: ExpertRange,
+        dtype: str = "float32",
+        quantization: str | None = None,
+        int8_threshold: float = 6.0,
+    ) -> None:
         from raycake.model.loader import load_model
 
         model = load_model(model_dir, dtype=dtype)
         self.experts = experts
         self.dtype = next(model.parameters()).dtype
-        self.layers: dict[int, FusedExperts] = {}
+        self.layers: dict[int, nn.Module] = {}  # FusedExperts or Int8FusedExperts
         for index, layer in enumerate(model.model.layers):
             if isinstance(layer.mlp, MoEFeedForward):
                 full = layer.mlp.experts
@@ -115,12 +122,21 @@ class ExpertShard:
                     full.gate_up_proj[experts.start : experts.end].clone()
                 )
                 part.down_proj = nn.Parameter(full.down_proj[experts.start : experts.end].clone())
-                self.layers[index] = part.requires_grad_(False)
+                part.requires_grad_(False)
+                if quantization == "int8":  # the engine's model is int8: so are its experts
+                    from raycake.model.int8_linear import Int8FusedExperts
+
+                    part = Int8FusedExperts.from_experts(part, int8_threshold)
+                self.layers[index] = part
         if not self.layers:
             raise ValueError(f"{model_dir}: the model has no MoE layers to shard")
 
     def ready(self) -> ExpertRange:
         return self.experts
+
+    def expert_kinds(self) -> list[str]:
+        """The module class of each MoE layer's experts here (int8 or float)."""
+        return [type(experts).__name__ for _, experts in sorted(self.layers.items())]
 
     def node_cores(self) -> tuple[str, int]:
         """(Ray node id, CPU cores this process may run on): what ``choose_transport`` weighs."""
@@ -305,6 +321,8 @@ def create_expert_shards(
     max_restarts: int = 2,
     actor_options: dict[str, Any] | None = None,
     transport: str = "auto",
+    quantization: str | None = None,
+    int8_threshold: float = 6.0,
 ) -> ExpertShards:
     """Start the shard actors (restartable; an in-flight call is retried after a restart).
     ``transport``: "compiled", "calls", or "auto" (``choose_transport``, with this process as
@@ -315,7 +333,8 @@ def create_expert_shards(
         max_restarts=max_restarts, max_task_retries=-1, **(actor_options or {})
     )
     shards = [
-        (remote.remote(str(model_dir), r, dtype), r) for r in expert_ranges(num_experts, num_shards)
+        (remote.remote(str(model_dir), r, dtype, quantization, int8_threshold), r)
+        for r in expert_ranges(num_experts, num_shards)
     ]
     shard_nodes = ray.get([handle.node_cores.remote() for handle, _ in shards])  # also: ready
     if transport == "auto":
@@ -335,7 +354,7 @@ def attach_expert_shards(model: nn.Module, shards: ExpertShards) -> int:
     return attached
 
 
-def enable_expert_parallelism(engine: Any, transport: str = "auto") -> ExpertShards:
+def enable_expert_parallelism(engine: Any) -> ExpertShards:
     """Start the shards ``engine.config.moe`` asks for and route the model's MoE layers through
     them; for a dense model or ``num_expert_shards == 0`` returns an empty ExpertShards."""
     config = engine.config
@@ -347,7 +366,9 @@ def enable_expert_parallelism(engine: Any, transport: str = "auto") -> ExpertSha
         num_experts,
         config.moe.num_expert_shards,
         config.dtype,
-        transport=transport,
+        transport=config.moe.expert_transport,
+        quantization=config.quantization,
+        int8_threshold=config.int8_threshold,
     )
     attach_expert_shards(engine.model, shards)
     return shards

@@ -82,7 +82,14 @@ class LLMEngine:
         model_dir = resolve_model_path(config.model)
         self.model_dir = model_dir
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.model = load_model(model_dir, dtype=config.dtype, device=config.device, moe=config.moe)
+        self.model = load_model(
+            model_dir,
+            dtype=config.dtype,
+            device=config.device,
+            moe=config.moe,
+            quantization=config.quantization,
+            int8_threshold=config.int8_threshold,
+        )
         model_config = self.model.config
         self.model_config = model_config
         self.max_model_len = min(

@@ -151,10 +151,18 @@ def load_model(
     dtype: str = "float32",
     device: str | torch.device = "cpu",
     moe: MoEConfig | None = None,
+    quantization: str | None = None,
+    int8_threshold: float = 6.0,
 ) -> LlamaForCausalLM:
-    """Build the model described by ``config.json`` and fill it from the safetensors files."""
+    """Build the model described by ``config.json`` and fill it from the safetensors files.
+
+    ``quantization="int8"`` then swaps every attention/MLP/expert projection for LLM.int8()
+    (int8 weights with per-channel scales; outlier activation features stay in ``dtype``).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantization not in (None, "int8"):
+        raise ValueError(f"quantization: expected 'int8' or None, got {quantization!r}")
     config = read_model_config(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, moe)
@@ -166,6 +174,10 @@ def load_model(
     model = model.eval()
     # NOTE: RoPE frequencies stay fp32 in every weight dtype, as in transformers.
     model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    if quantization == "int8":
+        from raycake.model.int8_linear import quantize_model
+
+        quantize_model(model, threshold=int8_threshold)
     return model
 
 

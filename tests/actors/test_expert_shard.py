@@ -151,6 +151,23 @@ def test_engine_serves_through_expert_shards(ray_session, tmp_path):  # noqa: F8
     assert stats.recoveries == 0
 
 
+def test_int8_experts_in_shards_match_int8_in_process(ray_session, tmp_path):  # noqa: F811
+    """quantization="int8" reaches the shards: they run Int8FusedExperts, same tokens as local."""
+    from raycake import LLM, SamplingParams
+    from raycake.config import EngineConfig, MoEConfig
+
+    build_mixtral_checkpoint(tmp_path, 4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[0, 5, 17, 33], [0, *range(10, 30)]]
+    local = LLM(str(tmp_path), quantization="int8").generate(prompts, params)
+    moe = MoEConfig(num_expert_shards=2, expert_transport="calls")
+    with LLM(config=EngineConfig(model=str(tmp_path), moe=moe, quantization="int8")) as llm:
+        kinds = ray.get([handle.expert_kinds.remote() for handle, _ in llm.expert_shards])
+        sharded = llm.generate(prompts, params)
+    assert kinds == [["Int8FusedExperts", "Int8FusedExperts"]] * 2
+    assert [o.token_ids for o in sharded] == [o.token_ids for o in local]
+
+
 def test_auto_transport_compiles_only_with_a_core_per_busy_thread():
     # (node, usable cores) per shard; the driver's torch threads count on its own node.
     assert choose_transport([("a", 2)], "a", driver_threads=1) == "compiled"

@@ -134,8 +134,9 @@ def test_greedy_tokens_are_the_same_with_experts_on_two_shards(ray_session, chec
     prompts = ["def f(x):", "return x + 1", "x"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     local = [o.token_ids for o in LLM(str(out)).generate(prompts, params)]
-    sharded_llm = LLM(config=EngineConfig(model=str(out), moe=MoEConfig(num_expert_shards=2)))
-    assert len(sharded_llm.expert_shards) == 2
-    sharded = [o.token_ids for o in sharded_llm.generate(prompts, params)]
+    config = EngineConfig(model=str(out), moe=MoEConfig(num_expert_shards=2))
+    with LLM(config=config) as sharded_llm:
+        assert len(sharded_llm.expert_shards) == 2
+        sharded = [o.token_ids for o in sharded_llm.generate(prompts, params)]
     assert sharded == local
     assert all(len(ids) == 12 for ids in local)
