@@ -53,6 +53,27 @@ def test_weight_bytes_counts_tied_embeddings_once(tied_llama, dtype, element_siz
     assert weight_bytes(load_model(model_dir, dtype=dtype)) == num_params * element_size
 
 
+def test_int8_weight_bytes_are_one_byte_per_projection_weight_plus_scales(tied_llama):
+    """LLM.int8(): projections in int8 + an fp32 scale per output channel; the rest bf16."""
+    model_dir, _ = tied_llama
+    bf16 = weight_bytes(load_model(model_dir, dtype="bfloat16"))
+    int8 = weight_bytes(load_model(model_dir, dtype="bfloat16", quantization="int8"))
+    hidden, heads, kv_heads, head_dim = 64, TIED.num_attention_heads, TIED.num_key_value_heads, 12
+    intermediate = 3 * hidden // 2
+    projection_weights = 2 * (
+        hidden * (heads + 2 * kv_heads) * head_dim
+        + heads * head_dim * hidden
+        + 3 * hidden * intermediate
+    )
+    out_channels = 2 * ((heads + 2 * kv_heads) * head_dim + hidden + 2 * intermediate + hidden)
+    assert bf16 - int8 == projection_weights * (2 - 1) - 4 * out_channels
+    report = run_bench(
+        BenchConfig(model=model_dir, dtype="bfloat16", quantization="int8", num_prompts=2,
+                    input_len=8, output_len=2)
+    )  # fmt: skip
+    assert report.weight_bytes == int8 and "int8 weights" in report.format_text()
+
+
 def test_weight_bytes_of_a_mixtral_model_match_transformers(mixtral):
     model_dir, hf_model = mixtral
     num_params = sum(p.numel() for p in hf_model.parameters())

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from raycake.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from raycake.config import (
+    CacheConfig,
+    ClusterConfig,
+    EngineConfig,
+    ModelConfig,
+    MoEConfig,
+    SchedulerConfig,
+)
 
 LLAMA_3_1_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -80,6 +87,9 @@ def test_missing_required_field_is_named():
             "max_num_batched_tokens",
         ),
         (lambda: EngineConfig(dtype="int4"), "dtype"),
+        (lambda: EngineConfig(quantization="int4"), "quantization"),
+        (lambda: EngineConfig(int8_threshold=-1.0), "int8_threshold"),
+        (lambda: MoEConfig(expert_transport="nccl"), "moe.expert_transport"),
     ],
 )
 def test_component_configs_validate(factory, field):
@@ -94,3 +104,18 @@ def test_engine_config_from_file_rejects_unknown_keys(tmp_path):
     path.write_text(json.dumps({"model": "default", "cache": {"blocksize": 32}}))
     with pytest.raises(ValueError, match="blocksize"):
         EngineConfig.from_file(path)
+
+
+def test_cluster_yaml_turns_on_int8_and_expert_shards(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "engine:\n  model: default-moe\n  quantization: int8\n  int8_threshold: 4.0\n"
+        "  moe:\n    num_expert_shards: 2\n    expert_transport: calls\n"
+    )
+    engine = ClusterConfig.from_file(path).engine
+    assert (engine.model, engine.quantization, engine.int8_threshold) == (
+        "default-moe",
+        "int8",
+        4.0,
+    )
+    assert (engine.moe.num_expert_shards, engine.moe.expert_transport) == (2, "calls")
