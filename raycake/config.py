@@ -399,6 +399,49 @@ class MoEConfig:
         )
 
 
+SPECULATIVE_METHODS = ("eagle",)
+SPECULATION_POLICIES = ("off", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: an EAGLE draft head proposes a token tree the target verifies."""
+
+    # "eagle": an EAGLE-1 head (raycake.model.eagle); None: speculation off.
+    method: str | None = "eagle"
+    draft_model: str = ""  # the head's folder (config.json + model.safetensors)
+    # Draft tree node budget per request per step (the most draft tokens verified at once).
+    num_draft_tokens: int = 8
+    tree_top_k: int = 4  # children per expanded node, and nodes expanded per depth (EAGLE-2)
+    max_depth: int = 4  # the deepest draft token (tokens accepted per step <= max_depth + 1)
+    # Per-step draft budget: "fixed" (num_draft_tokens), "adaptive" (by load), "off".
+    policy: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.method is not None:
+            _require(
+                self.method in SPECULATIVE_METHODS,
+                "speculative.method",
+                f"one of {list(SPECULATIVE_METHODS)} or null",
+                self.method,
+            )
+            _require(
+                isinstance(self.draft_model, str) and self.draft_model != "",
+                "speculative.draft_model",
+                "the EAGLE head's folder",
+                self.draft_model,
+            )
+        _positive_int("speculative.num_draft_tokens", self.num_draft_tokens)
+        _positive_int("speculative.tree_top_k", self.tree_top_k)
+        _positive_int("speculative.max_depth", self.max_depth)
+        _require(
+            self.policy in SPECULATION_POLICIES,
+            "speculative.policy",
+            f"one of {list(SPECULATION_POLICIES)}",
+            self.policy,
+        )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one serving instance needs; ``model`` is a checkpoint folder or ``"default"``."""
@@ -414,6 +457,8 @@ class EngineConfig:
     quantization: str | None = None
     # |x| at or above which an activation feature column is an outlier kept out of int8.
     int8_threshold: float = 6.0
+    # None: plain decoding.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -441,7 +486,14 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
         """Build from a plain dict (parsed JSON or YAML); unknown keys are an error."""
-        nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "moe": MoEConfig}
+        nested = {
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "moe": MoEConfig,
+            "speculative": SpeculativeConfig,
+        }
+        if isinstance(data, dict) and data.get("speculative") is None:
+            nested.pop("speculative")
         return _from_mapping(cls, data, "engine config", nested)
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from raycake.config import CacheConfig, EngineConfig, SchedulerConfig
+from raycake.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.request_output import RequestOutput, StreamDelta
 from raycake.engine.sampling_params import SamplingParams
@@ -33,8 +33,11 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         quantization: str | None = None,
+        speculative: SpeculativeConfig | dict | None = None,
         config: EngineConfig | None = None,
     ) -> None:
+        if isinstance(speculative, dict):
+            speculative = SpeculativeConfig(**speculative)
         if config is None:
             config = EngineConfig(
                 model=model,
@@ -51,6 +54,7 @@ class LLM:
                     max_model_len=max_model_len,
                 ),
                 quantization=quantization,
+                speculative=speculative,
             )
         self.engine = LLMEngine(config)
         self.expert_shards = None  # ExpertShards when the experts run in Ray actors

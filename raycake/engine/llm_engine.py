@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from raycake.config import EngineConfig
+from raycake.config import EngineConfig, SpeculativeConfig
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.outputs import SchedulerStats
 from raycake.engine.request import Request, RequestStatus
@@ -29,7 +29,10 @@ from raycake.engine.request_output import (
 )
 from raycake.engine.runner import ModelRunner, num_blocks_for
 from raycake.engine.sampling_params import SamplingParams
-from raycake.engine.scheduler import Scheduler
+from raycake.engine.scheduler import DraftBudget, Scheduler
+from raycake.engine.spec_decode import SpecDecodeStats
+from raycake.engine.spec_runner import SpecDecodeRunner
+from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -97,8 +100,30 @@ class LLMEngine:
             model_config.max_position_embeddings,
         )
         num_blocks = num_blocks_for(model_config, config.cache, DTYPES[config.dtype])
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
-        self.runner = ModelRunner(self.model, config.cache.block_size, num_blocks, seed=config.seed)
+        spec = config.speculative
+        self.scheduler = Scheduler(
+            config.scheduler,
+            config.cache,
+            num_blocks,
+            self.max_model_len,
+            draft_budget=draft_budget_for(spec) if spec is not None else None,
+        )
+        self.runner: ModelRunner
+        if spec is not None and spec.method == "eagle":
+            head = load_eagle_head(spec.draft_model, model_config, config.dtype, config.device)
+            self.runner = SpecDecodeRunner(
+                self.model,
+                head,
+                spec,
+                config.cache.block_size,
+                num_blocks,
+                config.scheduler.max_num_seqs,
+                seed=config.seed,
+            )
+        else:
+            self.runner = ModelRunner(
+                self.model, config.cache.block_size, num_blocks, seed=config.seed
+            )
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) or model_config.eos_token_ids
         self._tracked: dict[str, _TrackedRequest] = {}
         self._finished: dict[str, RequestOutput] = {}
@@ -351,6 +376,12 @@ class LLMEngine:
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
+    def spec_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding totals since start (a copy), or None without speculation."""
+        if not isinstance(self.runner, SpecDecodeRunner):
+            return None
+        return copy.deepcopy(self.runner.stats)
+
     # ---- MoE expert load -------------------------------------------------------------------
 
     def moe_stats(self) -> dict[int, MoEStats]:
@@ -371,6 +402,18 @@ class LLMEngine:
         layers = self.model.model.layers
         for index, stats in self._moe_stats.items():
             stats.update(layers[index].last_routing)
+
+
+def draft_budget_for(spec: SpeculativeConfig) -> DraftBudget | None:
+    """The per-step draft budget of ``spec.policy``.
+
+    NOTE: "adaptive" drafts the full budget until the policy in raycake.policies.speculation
+    is wired in (its ``budget_for`` has this signature).
+    """
+    if spec.method is None or spec.policy == "off":
+        return None
+    budget = spec.num_draft_tokens
+    return lambda request_ids: dict.fromkeys(request_ids, budget)
 
 
 def moe_load_since(

@@ -49,6 +49,9 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted this step: the runner drops their state; they come back as new requests.
     preempted_request_ids: set[str] = field(default_factory=set)
+    # Verify steps: request id -> draft tree nodes scheduled after its last token (included in
+    # num_scheduled_tokens). Such a request emits 1 to 1 + drafts tokens.
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -60,7 +63,8 @@ class RunnerOutput:
     """What one step produced."""
 
     # request id -> tokens sampled this step, for every request whose chunk reached the end of
-    # its known tokens (exactly one token per request without speculative decoding).
+    # its known tokens (exactly one token per request without speculative decoding; accepted
+    # drafts then the target's own token for a verify step).
     sampled_token_ids: dict[str, list[int]]
 
 

@@ -10,6 +10,7 @@ S cache slots (num_blocks x block_size), K kv heads, Dh head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +38,16 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [N] index into T of each sampling request's last token
     sample_request_ids: list[str]
+    span_request_ids: list[str]  # the request of each of ``meta.spans``
+
+
+class ChunkInputs(NamedTuple):
+    """One span of a step. NOTE: token i of the span always goes to slot num_computed + i."""
+
+    token_ids: list[int]  # [n]
+    positions: list[int]  # [n] RoPE positions (a draft tree's differ from its slots)
+    mask: torch.Tensor | None  # [n, C] additive, C = num_computed + n; None: plain causal
+    samples: bool  # whether the span's last token samples the request's next token
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -63,6 +74,14 @@ def _additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where attention is allowed, -inf where ``blocked``: CPU SDPA runs faster on a float
     mask than on a boolean one."""
     return torch.zeros(blocked.shape, dtype=dtype).masked_fill_(blocked, float("-inf"))
+
+
+def reseed(state: RunnerRequestState) -> None:
+    """NOTE: a seeded draw depends only on (seed, sequence length), so the output is the same
+    whatever the batch, and after a handoff from a prefill instance."""
+    seed = state.sampling_params.seed
+    if seed is not None and not state.sampling_params.is_greedy:
+        state.generator.manual_seed((seed * 6364136223846793005 + len(state.token_ids)) % 2**63)
 
 
 class ModelRunner:
@@ -163,20 +182,20 @@ class ModelRunner:
 
         spans: list[QuerySpan] = []
         for rid, s, n in chunks:
-            start_pos = s.num_computed_tokens
-            end_pos = start_pos + n
+            chunk = self._chunk_inputs(rid, s, n)
+            n = len(chunk.token_ids)  # a draft tree may use fewer slots than scheduled
             first = len(input_ids)
-            input_ids.extend(s.token_ids[start_pos:end_pos])
-            positions.extend(range(start_pos, end_pos))
+            input_ids.extend(chunk.token_ids)
+            positions.extend(chunk.positions)
             table = s.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start_pos, end_pos))
-            mask = None
-            if start_pos > 0:
-                q_pos = torch.arange(start_pos, end_pos)[:, None]
-                mask = _additive_mask(torch.arange(end_pos)[None, :] > q_pos, self.dtype)  # [n, C]
-            block_ids = torch.tensor(table[: -(-end_pos // bs)], dtype=torch.long)
-            spans.append(QuerySpan(first, first + n, block_ids.to(self.device), end_pos, mask))
-            if end_pos == len(s.token_ids):
+            start_slot = s.num_computed_tokens
+            slots.extend(table[i // bs] * bs + i % bs for i in range(start_slot, start_slot + n))
+            end_slot = start_slot + n  # the span's context: slots 0..end_slot-1
+            block_ids = torch.tensor(table[: -(-end_slot // bs)], dtype=torch.long)
+            spans.append(
+                QuerySpan(first, first + n, block_ids.to(self.device), end_slot, chunk.mask)
+            )
+            if chunk.samples:
                 sample_indices.append(first + n - 1)
                 sample_ids.append(rid)
 
@@ -195,6 +214,22 @@ class ModelRunner:
             meta=meta,
             sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
             sample_request_ids=sample_ids,
+            span_request_ids=[rid for rid, _, _ in chunks],
+        )
+
+    def _chunk_inputs(self, rid: str, state: RunnerRequestState, n: int) -> ChunkInputs:
+        """The ``n`` tokens after a request's computed ones, in slots ``num_computed + i``."""
+        start_pos = state.num_computed_tokens
+        end_pos = start_pos + n
+        mask = None
+        if start_pos > 0:
+            q_pos = torch.arange(start_pos, end_pos)[:, None]
+            mask = _additive_mask(torch.arange(end_pos)[None, :] > q_pos, self.dtype)  # [n, C]
+        return ChunkInputs(
+            token_ids=state.token_ids[start_pos:end_pos],
+            positions=list(range(start_pos, end_pos)),
+            mask=mask,
+            samples=end_pos == len(state.token_ids),
         )
 
     @torch.inference_mode()
@@ -239,21 +274,17 @@ class ModelRunner:
             self._apply_deltas(out)
             return RunnerOutput(sampled_token_ids={})
         inputs, hidden = self.run_model(out)
+        return RunnerOutput(sampled_token_ids=self._sample(inputs, hidden))
+
+    def _sample(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, list[int]]:
+        """Sample one token for each request whose span reached its end; append it."""
+        if not inputs.sample_request_ids:
+            return {}
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         states = [self.requests[rid] for rid in inputs.sample_request_ids]
         for state in states:
-            seed = state.sampling_params.seed
-            if seed is not None and not state.sampling_params.is_greedy:
-                # NOTE: a seeded draw depends only on (seed, sequence length), so the output is
-                # the same whatever the batch, and after a handoff from a prefill instance.
-                state.generator.manual_seed(
-                    (seed * 6364136223846793005 + len(state.token_ids)) % 2**63
-                )
+            reseed(state)
         tokens = sample(logits, [s.sampling_params for s in states], [s.generator for s in states])
         for state, token in zip(states, tokens, strict=True):
             state.token_ids.append(token)
-        return RunnerOutput(
-            sampled_token_ids={
-                rid: [t] for rid, t in zip(inputs.sample_request_ids, tokens, strict=True)
-            }
-        )
+        return {rid: [t] for rid, t in zip(inputs.sample_request_ids, tokens, strict=True)}

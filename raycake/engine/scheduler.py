@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from raycake.config import CacheConfig, SchedulerConfig
 from raycake.engine.kv_cache import KVCacheManager
@@ -25,6 +25,10 @@ from raycake.engine.outputs import (
 )
 from raycake.engine.request import Request, RequestStatus
 from raycake.policies.eviction import make_eviction_policy
+
+# Speculation: request ids of this step's decodes -> draft tokens (tree nodes) for each; 0 or a
+# missing id means plain decoding. A speculation policy's ``budget_for`` fits here.
+DraftBudget = Callable[[list[str]], dict[str, int]]
 
 
 class RequestRejected(ValueError):
@@ -40,8 +44,10 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        draft_budget: DraftBudget | None = None,
     ) -> None:
         self.config = scheduler_config
+        self.draft_budget = draft_budget
         self.block_size = cache_config.block_size
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len
@@ -135,6 +141,7 @@ class Scheduler:
         scheduled: dict[str, int] = {}  # in scheduling order
         new_blocks: dict[str, list[int]] = {}  # running requests: block ids added this step
         preempted: list[Request] = []
+        num_drafts = self._draft_budgets()
 
         # Running requests, decodes first (a stable sort keeps admission order within each).
         for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
@@ -144,11 +151,20 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             remaining = request.num_tokens - request.num_computed_tokens
             num_new = min(remaining, budget, self.config.max_prefill_chunk)
-            blocks = self.kv_cache.allocate_slots(request, num_new)
+            drafts = min(num_drafts.pop(request.request_id, 0), budget - num_new)
+            blocks = None
+            if drafts > 0:  # a verify step: the last token and the draft tree's nodes
+                blocks = self.kv_cache.allocate_slots(request, num_new + drafts)
+                if blocks is not None:
+                    num_new += drafts
+                    num_drafts[request.request_id] = drafts
+            if blocks is None:
+                blocks = self.kv_cache.allocate_slots(request, num_new)
             while blocks is None:
                 victim = max(self.running, key=lambda r: self._add_order[r.request_id])
                 self._preempt(victim)
                 preempted.append(victim)
+                num_drafts.pop(victim.request_id, None)
                 if victim.request_id in scheduled:
                     # Already given tokens this step: hand them back.
                     budget += scheduled.pop(victim.request_id)
@@ -214,7 +230,32 @@ class Scheduler:
             total_num_scheduled_tokens=sum(scheduled.values()),
             finished_request_ids=finished_ids,
             preempted_request_ids={r.request_id for r in preempted},
+            num_draft_tokens={rid: n for rid, n in num_drafts.items() if rid in scheduled},
         )
+
+    def _draft_budgets(self) -> dict[str, int]:
+        """Draft tokens per decoding request this step, capped so that the step's tokens fit
+        max_tokens and max_model_len (a step emits at most drafts + 1 tokens)."""
+        if self.draft_budget is None:
+            return {}
+        decoding = [
+            r
+            for r in self.running
+            if r.num_computed_tokens + 1 == r.num_tokens and r.num_output_tokens > 0
+        ]
+        if not decoding:
+            return {}
+        wanted = self.draft_budget([r.request_id for r in decoding])
+        budgets = {}
+        for r in decoding:
+            cap = min(
+                r.sampling_params.max_tokens - r.num_output_tokens - 1,
+                self.max_model_len - r.num_tokens - 1,
+            )
+            n = min(wanted.get(r.request_id, 0), cap)
+            if n > 0:
+                budgets[r.request_id] = n
+        return budgets
 
     def _decodes_first(self, scheduled: dict[str, int]) -> dict[str, int]:
         """Order the step: one-token decodes (chunks that end at the last known token) first."""
@@ -249,9 +290,21 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished from outside (abort, stop string) during the step
+            sampled = sampled_by_id.get(rid, [])
+            if rid in scheduler_output.num_draft_tokens:
+                # A verify step computed the last token and the accepted drafts: one fewer
+                # than it emits (the bonus token is never computed).
+                if not sampled:
+                    raise RuntimeError(f"request {rid!r}: a verify step sampled no token")
+                new_token_ids = self._append_verified(request, sampled)
+                updates.append(
+                    RequestUpdate(
+                        rid, new_token_ids, request.status.finish_reason, request.num_cached_tokens
+                    )
+                )
+                continue
             request.num_computed_tokens += num_scheduled
             self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
-            sampled = sampled_by_id.get(rid, [])
             reached_end = request.num_computed_tokens == request.num_tokens
             if reached_end != bool(sampled):
                 # A silent mismatch would desynchronize the runner's tokens from ours.
@@ -278,6 +331,24 @@ class Scheduler:
                 )
             )
         return updates
+
+    def _append_verified(self, request: Request, sampled: list[int]) -> list[int]:
+        """Append a verify step's tokens up to the first stop condition (the rest are dropped);
+        register only the blocks of committed tokens with the prefix cache."""
+        status: RequestStatus | None = None
+        appended: list[int] = []
+        for token_id in sampled:
+            request.append_output_token(token_id)
+            appended.append(token_id)
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                break
+        # NOTE: every appended token but the last has its KV at its position now.
+        request.num_computed_tokens = request.num_tokens - 1
+        self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
+        if status is not None:
+            self._finish(request, status)
+        return appended
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

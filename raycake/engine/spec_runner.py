@@ -1,0 +1,341 @@
+"""The model runner with EAGLE speculation: draft a tree, verify it in the target's step, keep
+the accepted tokens' KV, and keep the draft head's own KV current.
+
+Per step: (1) for each verify request, the head grows an EAGLE-2 tree from the request's root
+feature (one head forward per depth, batched over requests); (2) one target forward runs every
+request's span, a verify request's span being its last token plus the tree under a tree mask;
+(3) verification accepts a path, whose KV (and features) are copied down to the positions they
+now hold; (4) the head consumes every newly committed token, which also yields the root feature
+of the next step's tree (an entry whose slot is not allocated yet waits for the next step).
+
+The head's KV lives beside the target's, in the same slots (a request's block table serves
+both), so prefix-cache hits cover it too. Its entry at position p pairs the target's feature at
+p - 1 with the token at p; position 0 has none and is masked out. Target features are kept per
+slot for the same reason. Tree nodes expanded during drafting write their head KV into scratch
+blocks after the pool, one region per request of the step.
+
+Legend: R verify requests, M expanded nodes of one depth, E hidden, V vocabulary, P block size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from raycake.config import SpeculativeConfig
+from raycake.engine.outputs import RunnerOutput, SchedulerOutput
+from raycake.engine.runner import (
+    ChunkInputs,
+    ModelRunner,
+    RunnerRequestState,
+    _additive_mask,
+    reseed,
+)
+from raycake.engine.spec_decode import (
+    DraftTree,
+    SpecDecodeStats,
+    select_tree,
+    target_probs,
+    tree_attention_mask,
+    verify_greedy,
+    verify_sampling,
+)
+from raycake.model.attention import AttentionMetadata, QuerySpan
+from raycake.model.eagle import EagleDraftHead
+from raycake.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class HeadState:
+    next_position: int  # the first position whose head entry is not written yet
+    root_feature: torch.Tensor | None  # [E] the head's output at the last known token
+
+
+@dataclass
+class _Candidate:
+    token_id: int
+    parent: int  # candidate index, -1 for a child of the root
+    depth: int
+    score: float  # cumulative draft log-probability
+    feature: torch.Tensor | None = None  # [E] the head's output here, once expanded
+    scratch: int = -1  # the head KV slot (within the request's scratch region), once expanded
+
+
+class SpecDecodeRunner(ModelRunner):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        head: EagleDraftHead,
+        spec: SpeculativeConfig,
+        block_size: int,
+        num_blocks: int,
+        max_num_seqs: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, block_size, num_blocks, seed)
+        self.head = head
+        self.spec = spec
+        config = model.config
+        expanded = (spec.max_depth - 1) * spec.tree_top_k  # head forwards of one tree, at most
+        self.scratch_blocks = max(1, -(-expanded // block_size))
+        total_blocks = num_blocks + max_num_seqs * self.scratch_blocks
+        kv_shape = (2, total_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        self.head_kv = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
+        self.features = torch.zeros(
+            num_blocks * block_size, config.hidden_size, dtype=self.dtype, device=self.device
+        )
+        self.head_states: dict[str, HeadState] = {}
+        self.trees: dict[str, DraftTree] = {}  # this step's
+        self.stats = SpecDecodeStats()
+
+    def _slot(self, state: RunnerRequestState, index: int) -> int:
+        return state.block_ids[index // self.block_size] * self.block_size + index % self.block_size
+
+    def _apply_deltas(self, out: SchedulerOutput) -> None:
+        super()._apply_deltas(out)
+        for rid in out.finished_request_ids | out.preempted_request_ids:
+            self.head_states.pop(rid, None)
+        for new in out.new_requests:
+            # Entries before num_computed came with the cached blocks; the one at
+            # num_computed pairs a cached feature with an uncomputed token, so it is written.
+            self.head_states[new.request_id] = HeadState(max(1, new.num_computed_tokens), None)
+
+    def _chunk_inputs(self, rid: str, state: RunnerRequestState, n: int) -> ChunkInputs:
+        tree = self.trees.get(rid)
+        if tree is None:
+            return super()._chunk_inputs(rid, state, n)
+        root = state.num_computed_tokens
+        return ChunkInputs(
+            token_ids=[state.token_ids[root], *tree.token_ids],
+            positions=[root] + [root + d for d in tree.depths],
+            mask=tree_attention_mask(tree, root, self.dtype),
+            samples=False,
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._apply_deltas(out)
+        if out.is_empty:
+            return RunnerOutput(sampled_token_ids={})
+        started = time.perf_counter()
+        self._extend_head(list(out.num_scheduled_tokens))  # entries left waiting for a slot
+        self.trees = self._draft(out.num_draft_tokens)
+        for rid, tree in self.trees.items():
+            if tree.num_nodes > out.num_draft_tokens[rid]:
+                raise RuntimeError(
+                    f"request {rid!r}: a draft tree of {tree.num_nodes} nodes exceeds its "
+                    f"budget of {out.num_draft_tokens[rid]} slots"
+                )
+        drafted = time.perf_counter()
+        inputs = self.prepare(out)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        self.features[inputs.meta.slot_mapping] = hidden
+        sampled = self._sample(inputs, hidden)
+        for rid, n in out.num_scheduled_tokens.items():
+            if rid not in self.trees:
+                self.requests[rid].num_computed_tokens += n
+        sampled.update(self._verify(inputs.span_request_ids, inputs.meta.spans, hidden))
+        verified = time.perf_counter()
+        self._extend_head(list(out.num_scheduled_tokens))
+        self.stats.draft_seconds += drafted - started + time.perf_counter() - verified
+        self.stats.target_seconds += verified - drafted
+        return RunnerOutput(sampled_token_ids=sampled)
+
+    # ---- verification ----------------------------------------------------------------------
+
+    def _verify(
+        self, span_ids: list[str], spans: list[QuerySpan], hidden: torch.Tensor
+    ) -> dict[str, list[int]]:
+        """Accept a path of each tree, move its KV to its positions; commit the tokens."""
+        sampled: dict[str, list[int]] = {}
+        src: list[int] = []
+        dst: list[int] = []
+        for rid, span in zip(span_ids, spans, strict=True):
+            tree = self.trees.get(rid)
+            if tree is None:
+                continue
+            state = self.requests[rid]
+            logits = self.model.compute_logits(hidden[span.start : span.end])  # [1 + n, V]
+            params = state.sampling_params
+            if params.is_greedy:
+                verdict = verify_greedy(tree, logits)
+            else:
+                reseed(state)
+                verdict = verify_sampling(tree, target_probs(logits, params), state.generator)
+            root = state.num_computed_tokens
+            for j, node in enumerate(verdict.accepted_nodes):
+                if (
+                    node != j
+                ):  # node i sits in slot root + 1 + i; depth j + 1 belongs at root + 1 + j
+                    src.append(self._slot(state, root + 1 + node))
+                    dst.append(self._slot(state, root + 1 + j))
+            emitted = verdict.emitted(tree)
+            state.token_ids.extend(emitted)
+            state.num_computed_tokens = root + len(emitted)
+            sampled[rid] = emitted
+            self.stats.num_verify_steps += 1
+            self.stats.num_draft_tokens += tree.num_nodes
+            self.stats.num_accepted_tokens += len(verdict.accepted_nodes)
+            self.stats.num_emitted_tokens += len(emitted)
+            self.stats.acceptance_lengths.setdefault(rid, []).append(len(emitted))
+        if src:
+            s = torch.tensor(src, dtype=torch.long, device=self.device)
+            d = torch.tensor(dst, dtype=torch.long, device=self.device)
+            for cache in self.kv_caches:
+                cache[:, d] = cache[:, s]
+            self.features[d] = self.features[s]
+        return sampled
+
+    # ---- the draft head --------------------------------------------------------------------
+
+    def _extend_head(self, request_ids: list[str]) -> None:
+        """Write the head's entries for every newly committed token (feature at p - 1, token p)."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        feature_slots: list[int] = []
+        slots: list[int] = []
+        spans: list[QuerySpan] = []
+        roots: list[tuple[str, int]] = []  # requests whose last known token got an entry
+        bs = self.block_size
+        for rid in request_ids:
+            state, head = self.requests.get(rid), self.head_states.get(rid)
+            if state is None or head is None:
+                continue
+            # NOTE: the last known token's slot may be allocated only in the next step.
+            num_slots = len(state.block_ids) * bs
+            last = min(state.num_computed_tokens, len(state.token_ids) - 1, num_slots - 1)
+            first_pos = head.next_position
+            if last < first_pos:
+                continue
+            start = len(tokens)
+            for p in range(first_pos, last + 1):
+                tokens.append(state.token_ids[p])
+                positions.append(p)
+                feature_slots.append(self._slot(state, p - 1))
+                slots.append(self._slot(state, p))
+            context = last + 1
+            cols = torch.arange(context)[None, :]
+            q_pos = torch.arange(first_pos, last + 1)[:, None]
+            mask = _additive_mask((cols > q_pos) | (cols == 0), self.dtype)  # [n, C]
+            block_ids = torch.tensor(state.block_ids[: -(-context // bs)], dtype=torch.long)
+            spans.append(QuerySpan(start, len(tokens), block_ids.to(self.device), context, mask))
+            head.next_position = last + 1
+            if last == len(state.token_ids) - 1:
+                roots.append((rid, len(tokens) - 1))
+        if not tokens:
+            return
+        device = self.device
+        meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
+        out = self.head(
+            self.features[torch.tensor(feature_slots, device=device)],
+            torch.tensor(tokens, device=device),
+            torch.tensor(positions, device=device),
+            self.model.model.embed_tokens,
+            meta,
+            self.head_kv,
+        )  # [T', E]
+        for rid, row in roots:
+            self.head_states[rid].root_feature = out[row]
+
+    def _draft(self, budgets: dict[str, int]) -> dict[str, DraftTree]:
+        """Grow an EAGLE-2 tree per request: expand the top_k best nodes of each depth, then
+        keep the ``budget`` best candidates overall."""
+        if not budgets:
+            return {}
+        rids = list(budgets)
+        k = self.spec.tree_top_k
+        hidden = self.model.config.hidden_size
+        roots = torch.stack(
+            [
+                self.head_states[r].root_feature
+                if self.head_states[r].root_feature is not None
+                else torch.zeros(hidden, dtype=self.dtype, device=self.device)
+                for r in rids
+            ]
+        )  # [R, E]
+        logp = self.model.compute_logits(roots).log_softmax(-1)  # [R, V]
+        vals, idx = logp.topk(k, dim=-1)  # [R, k]
+        cands = [
+            [_Candidate(int(t), -1, 1, float(v)) for t, v in zip(idx[r], vals[r], strict=True)]
+            for r in range(len(rids))
+        ]
+        frontier = [list(range(k)) for _ in rids]
+        depth_limit = [min(self.spec.max_depth, budgets[r]) for r in rids]
+        for depth in range(1, max(depth_limit)):
+            active = [r for r in range(len(rids)) if depth < depth_limit[r]]
+            out = self._expand(rids, roots, cands, frontier, active, depth)  # [M, E]
+            logp = self.model.compute_logits(out).log_softmax(-1)  # [M, V]
+            vals, idx = logp.topk(k, dim=-1)  # [M, k]
+            row = 0
+            for r in active:
+                children = []
+                for c in frontier[r]:
+                    parent = cands[r][c]
+                    parent.feature = out[row]
+                    for t, v in zip(idx[row].tolist(), vals[row].tolist(), strict=True):
+                        children.append(len(cands[r]))
+                        cands[r].append(_Candidate(t, c, depth + 1, parent.score + v))
+                    row += 1
+                frontier[r] = sorted(children, key=lambda i, r=r: -cands[r][i].score)[:k]
+        return {
+            rid: select_tree(
+                [c.token_id for c in cands[r]],
+                [c.parent for c in cands[r]],
+                [c.depth for c in cands[r]],
+                [c.score for c in cands[r]],
+                budgets[rid],
+            )
+            for r, rid in enumerate(rids)
+        }
+
+    def _expand(
+        self,
+        rids: list[str],
+        roots: torch.Tensor,
+        cands: list[list[_Candidate]],
+        frontier: list[list[int]],
+        active: list[int],
+        depth: int,
+    ) -> torch.Tensor:
+        """One head forward over the frontier nodes at ``depth`` of the active requests."""
+        bs, k = self.block_size, self.spec.tree_top_k
+        features, tokens, positions, slots = [], [], [], []
+        spans: list[QuerySpan] = []
+        for r in active:
+            state = self.requests[rids[r]]
+            root = state.num_computed_tokens
+            committed_blocks = state.block_ids[: -(-(root + 1) // bs)]
+            base = self.num_blocks + r * self.scratch_blocks
+            scratch_blocks = list(range(base, base + self.scratch_blocks))
+            committed = len(committed_blocks) * bs
+            context = committed + self.scratch_blocks * bs
+            allowed = torch.zeros(len(frontier[r]), context, dtype=torch.bool)
+            allowed[:, 1 : root + 1] = True
+            start = len(tokens)
+            for j, c in enumerate(frontier[r]):
+                node = cands[r][c]
+                node.scratch = (depth - 1) * k + j
+                parent = cands[r][node.parent] if node.parent >= 0 else None
+                features.append(roots[r] if parent is None else parent.feature)
+                tokens.append(node.token_id)
+                positions.append(root + depth)
+                slots.append(base * bs + node.scratch)
+                a = c
+                while a >= 0:  # itself and its ancestors, all expanded
+                    allowed[j, committed + cands[r][a].scratch] = True
+                    a = cands[r][a].parent
+            block_ids = torch.tensor(committed_blocks + scratch_blocks, dtype=torch.long)
+            mask = _additive_mask(~allowed, self.dtype)
+            spans.append(QuerySpan(start, len(tokens), block_ids.to(self.device), context, mask))
+        device = self.device
+        meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
+        return self.head(
+            torch.stack(features),
+            torch.tensor(tokens, device=device),
+            torch.tensor(positions, device=device),
+            self.model.model.embed_tokens,
+            meta,
+            self.head_kv,
+        )

@@ -1,0 +1,203 @@
+"""EAGLE speculative decoding: greedy output equals plain greedy decoding token for token; the
+sampling rule keeps the target's distribution; KV of rejected drafts never reaches the cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from raycake import LLM, SamplingParams
+from raycake.config import SpeculativeConfig
+from raycake.engine.spec_decode import DraftTree, verify_greedy, verify_sampling
+from raycake.model.eagle import EagleDraftHead, save_eagle_head
+from raycake.model.loader import read_model_config
+from tests.llama_checkpoints import CONFIGS, build_checkpoint
+
+
+@pytest.fixture(scope="module", params=CONFIGS[:2], ids=lambda s: s.name)
+def checkpoint(request, tmp_path_factory):
+    """(target folder, random EAGLE head folder)."""
+    out = tmp_path_factory.mktemp(request.param.name)
+    build_checkpoint(request.param, out / "target")
+    torch.manual_seed(3)
+    save_eagle_head(EagleDraftHead(read_model_config(out / "target")), out / "head")
+    return out / "target", out / "head"
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[0] + [rng.randrange(2, 320) for _ in range(rng.randrange(1, 22))] for _ in range(n)]
+
+
+def _llm(target, head=None, **spec) -> LLM:
+    speculative = None
+    if head is not None:
+        speculative = SpeculativeConfig(draft_model=str(head), **spec)
+    return LLM(str(target), block_size=4, max_num_seqs=8, speculative=speculative)
+
+
+def _generate(llm: LLM, prompts, params) -> list[list[int]]:
+    return [out.token_ids for out in llm.generate(prompts, params)]
+
+
+def test_random_head_greedy_equals_plain(checkpoint) -> None:
+    target, head = checkpoint
+    prompts = _prompts(12)
+    params = [
+        SamplingParams(temperature=0, max_tokens=4 + i % 9, ignore_eos=True) for i in range(12)
+    ]
+    plain = _generate(_llm(target), prompts, params)
+    spec_llm = _llm(target, head, num_draft_tokens=6, tree_top_k=3, max_depth=3)
+    assert _generate(spec_llm, prompts, params) == plain
+    stats = spec_llm.engine.spec_stats()
+    assert stats.num_verify_steps > 0 and stats.mean_acceptance_length >= 1.0
+    spec_llm.engine.scheduler.check_invariants()
+
+
+class _OracleDraft:
+    """Drafts trees that contain the true greedy continuation beside wrong siblings, so several
+    tokens are accepted per step and accepted nodes sit away from their final slots."""
+
+    def __init__(self, runner, continuations: dict[tuple[int, ...], list[int]], seed: int) -> None:
+        self.runner = runner
+        self.continuations = continuations
+        self.rng = random.Random(seed)
+
+    def true_next(self, token_ids: list[int]) -> list[int]:
+        for prompt, full in self.continuations.items():
+            if tuple(token_ids[: len(prompt)]) == prompt:
+                return full[len(token_ids) :]
+        raise AssertionError("unknown sequence")
+
+    def __call__(self, budgets: dict[str, int]) -> dict[str, DraftTree]:
+        trees = {}
+        for rid, budget in budgets.items():
+            truth = self.true_next(self.runner.requests[rid].token_ids)
+            depth = min(budget // 2, len(truth), self.rng.randrange(0, 5))
+            tokens, parents, depths = [], [], []
+            parent = -1
+            for d in range(depth):
+                wrong = (truth[d] + 1 + self.rng.randrange(300)) % 320
+                # A wrong sibling first half the time, so the true node's index != d.
+                pair = [wrong, truth[d]] if self.rng.random() < 0.5 else [truth[d], wrong]
+                for tok in pair:
+                    tokens.append(tok)
+                    parents.append(parent)
+                    depths.append(d + 1)
+                parent = len(tokens) - 1 - pair[::-1].index(truth[d])
+            if self.rng.random() < 0.3 and 2 * depth < budget:  # a chain that is wrong at its end
+                tokens.append((truth[depth] + 7) % 320 if depth < len(truth) else 5)
+                parents.append(parent)
+                depths.append(depth + 1)
+            trees[rid] = _reorder(tokens, parents, depths)
+        return trees
+
+
+def _reorder(tokens, parents, depths) -> DraftTree:
+    order = sorted(range(len(tokens)), key=lambda i: (depths[i], i))
+    new = {old: i for i, old in enumerate(order)}
+    return DraftTree(
+        [tokens[i] for i in order],
+        [-1 if parents[i] < 0 else new[parents[i]] for i in order],
+        [depths[i] for i in order],
+    )
+
+
+def test_oracle_drafts_accept_many_tokens_and_roll_back_kv(checkpoint) -> None:
+    """Many tokens accepted per step, wrong branches rolled back; the output and the prefix
+    cache (prompts that extend earlier outputs hit blocks written by verify steps) stay exact."""
+    target, head = checkpoint
+    prompts = _prompts(10, seed=1)
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain_llm = _llm(target)
+    full = {
+        tuple(p): p + out
+        for p, out in zip(prompts, _generate(plain_llm, prompts, long), strict=True)
+    }
+    spec_llm = _llm(target, head, num_draft_tokens=10)
+    spec_llm.engine.runner._draft = _OracleDraft(spec_llm.engine.runner, full, seed=2)
+    params = [
+        SamplingParams(temperature=0, max_tokens=10 + 3 * i, ignore_eos=True) for i in range(10)
+    ]
+    expected = [
+        full[tuple(p)][len(p) : len(p) + s.max_tokens] for p, s in zip(prompts, params, strict=True)
+    ]
+    assert _generate(spec_llm, prompts, params) == expected
+    stats = spec_llm.engine.spec_stats()
+    assert stats.mean_acceptance_length > 2.0
+    assert max(max(v) for v in stats.acceptance_lengths.values()) >= 4
+    # Second round: prompts that extend the first outputs reuse blocks committed by verify steps.
+    extended = [full[tuple(p)][: len(p) + 9] for p in prompts]
+    full2 = {tuple(e): full[tuple(p)] for e, p in zip(extended, prompts, strict=True)}
+    spec_llm.engine.runner._draft.continuations = full2
+    hits_before = spec_llm.engine.stats().prefix_cache_hits
+    short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = _generate(spec_llm, extended, short)
+    assert spec_llm.engine.stats().prefix_cache_hits > hits_before
+    assert got == [
+        full[tuple(p)][len(e) : len(e) + 8] for p, e in zip(prompts, extended, strict=True)
+    ]
+    assert got == _generate(plain_llm, extended, short)
+    spec_llm.engine.scheduler.check_invariants()
+
+
+def test_stop_conditions_hold_within_one_verify_step(checkpoint) -> None:
+    target, head = checkpoint
+    prompts = _prompts(6, seed=4)
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain_llm = _llm(target)
+    outs = _generate(plain_llm, prompts, long)
+    full = {tuple(p): p + o for p, o in zip(prompts, outs, strict=True)}
+    # Stop on a token the plain output produces mid-way (likely inside an accepted run).
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[o[5 + i]])
+        for i, o in enumerate(outs)
+    ]
+    spec_llm = _llm(target, head, num_draft_tokens=10)
+    spec_llm.engine.runner._draft = _OracleDraft(spec_llm.engine.runner, full, seed=5)
+    got = spec_llm.generate(prompts, params)
+    want = plain_llm.generate(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.outputs[0].finish_reason for g in got] == ["stop"] * len(prompts)
+
+
+def test_verify_greedy_follows_the_argmax() -> None:
+    tree = DraftTree([5, 6, 7, 8], [-1, -1, 1, 1], [1, 1, 2, 2])
+    logits = torch.full((5, 10), -5.0)
+    logits[0, 6] = 1  # root -> node 1 (token 6)
+    logits[2, 8] = 1  # node 1 -> node 3 (token 8)
+    logits[4, 2] = 1  # bonus after node 3
+    verdict = verify_greedy(tree, logits)
+    assert verdict.accepted_nodes == [1, 3] and verdict.emitted(tree) == [6, 8, 2]
+
+
+def test_speculative_sampling_keeps_the_target_distribution() -> None:
+    """On a 4-token vocabulary, the first two emitted tokens are distributed as the target's
+    (two-token joint distribution, total variation < 0.02 over 20,000 draws)."""
+    vocab = 4
+    gen = torch.Generator().manual_seed(0)
+    # Tree: root children tokens 0 and 2; node 0 has children 1 and 3.
+    tree = DraftTree([0, 2, 1, 3], [-1, -1, 0, 0], [1, 1, 2, 2])
+    probs = torch.softmax(torch.randn(5, vocab, generator=gen), -1)  # [root + nodes, V]
+    # The target's next-token distribution after each first token (rows where known).
+    after = {0: probs[1], 2: probs[2]}
+    second_rows = {t: after.get(t, probs[1]) for t in range(vocab)}
+    counts = torch.zeros(vocab, vocab)
+    draws = 20_000
+    for _ in range(draws):
+        # Each draw: token after a path not in the tree uses a fresh target pass in reality;
+        # here the second token comes from the bonus when only one token was emitted.
+        verdict = verify_sampling(tree, probs, gen)
+        emitted = verdict.emitted(tree)
+        first = emitted[0]
+        second = (
+            emitted[1]
+            if len(emitted) > 1
+            else int(torch.multinomial(second_rows[first], 1, generator=gen))
+        )
+        counts[first, second] += 1
+    want = probs[0][:, None] * torch.stack([second_rows[t] for t in range(vocab)])
+    tv = 0.5 * (counts / draws - want).abs().sum()
+    assert tv < 0.02, (tv, counts / draws, want)
