@@ -1,4 +1,4 @@
-"""The ``raycake`` command line: demo | serve | generate | bench | train."""
+"""The ``raycake`` command line: demo | serve | generate | bench | train | train-eagle."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import sys
 import time
 from dataclasses import fields
 
-from raycake.config import MOE_ROUTERS, QUANTIZATIONS, SUPPORTED_DTYPES, TrainConfig
+from raycake.config import (
+    MOE_ROUTERS,
+    QUANTIZATIONS,
+    SUPPORTED_DTYPES,
+    EagleTrainConfig,
+    TrainConfig,
+)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -90,6 +96,18 @@ def _train(args: argparse.Namespace) -> int:
         f"(perplexity {report.held_out_perplexity:.1f}) vs unigram {report.unigram_loss:.3f} "
         f"(perplexity {report.unigram_perplexity:.1f}); {report.seconds:.0f} s"
     )
+    return 0
+
+
+def _train_eagle(args: argparse.Namespace) -> int:
+    from raycake.training.eagle_trainer import accuracy_line, train_eagle
+
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(EagleTrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    print(accuracy_line(train_eagle(EagleTrainConfig(**overrides))))
     return 0
 
 
@@ -263,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name != "out_dir":
             tr.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])
     tr.set_defaults(func=_train)
+
+    te = sub.add_parser(
+        "train-eagle", help="train an EAGLE draft head for a served model (default: embedded)"
+    )
+    te.add_argument("--out-dir", dest="out_dir", required=True)
+    for f in fields(EagleTrainConfig):
+        if f.name != "out_dir":
+            te.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])
+    te.set_defaults(func=_train_eagle)
     return parser
 
 

@@ -598,6 +598,82 @@ class TrainConfig:
             _require(self.aux_loss_coef >= 0, "train.aux_loss_coef", ">= 0", self.aux_loss_coef)
 
 
+@dataclass(frozen=True)
+class EagleTrainConfig:
+    """``raycake train-eagle``: an EAGLE-1 draft head for a frozen target, on a text corpus."""
+
+    out_dir: str
+    # An embedded model name ("default") or a checkpoint folder with tokenizer.json.
+    target: str = "default"
+    # A folder of .py files split like the stdlib; None: the stdlib (the embedded model's corpus).
+    corpus_root: str | None = None
+    seed: int = 0
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 1600
+    learning_rate: float = 3e-3
+    min_learning_rate: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    # The EAGLE paper's loss: feature_loss_weight x smooth-L1 + token_loss_weight x CE.
+    feature_loss_weight: float = 1.0
+    token_loss_weight: float = 0.1
+    # What the CE is against: "target", the target's own next-token distribution (the paper's
+    # CrossEntropy(p_{i+2}, p^_{i+2}) with p_{i+2} = Softmax(LM_Head(f_{i+1}))); "text", the
+    # corpus token x[t+2].
+    token_target: str = "target"
+    # Half-width of the uniform noise added to the input features (absolute; 0: none).
+    feature_noise: float = 0.1
+    # > 0: compute the target's features for this many training windows once and train on them
+    # (epochs); 0: run the target on every batch (fresh windows each step).
+    cache_windows: int = 0
+    eval_every: int = 200
+    eval_windows: int = 64
+    held_out_percent: int = 2
+    max_corpus_files: int | None = None
+    save_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_windows"):
+            _positive_int(f"train_eagle.{name}", getattr(self, name))
+        _require(self.seq_len >= 3, "train_eagle.seq_len", ">= 3", self.seq_len)
+        _require(self.learning_rate > 0, "train_eagle.learning_rate", "> 0", self.learning_rate)
+        for name in (
+            "min_learning_rate",
+            "weight_decay",
+            "feature_loss_weight",
+            "token_loss_weight",
+            "feature_noise",
+        ):
+            _require(getattr(self, name) >= 0, f"train_eagle.{name}", ">= 0", getattr(self, name))
+        _require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            "train_eagle.warmup_steps",
+            "an integer >= 0",
+            self.warmup_steps,
+        )
+        _require(
+            self.token_target in ("target", "text"),
+            "train_eagle.token_target",
+            "'target' or 'text'",
+            self.token_target,
+        )
+        _require(
+            isinstance(self.cache_windows, int) and self.cache_windows >= 0,
+            "train_eagle.cache_windows",
+            "an integer >= 0 (0: no cache)",
+            self.cache_windows,
+        )
+        if self.max_corpus_files is not None:
+            _positive_int("train_eagle.max_corpus_files", self.max_corpus_files)
+        _require(
+            self.save_dtype in SUPPORTED_DTYPES,
+            "train_eagle.save_dtype",
+            str(SUPPORTED_DTYPES),
+            self.save_dtype,
+        )
+
+
 SCHEDULING_POLICY_NAMES = ("cache_aware", "least_loaded", "random", "round_robin")
 TRANSFER_BACKENDS = ("mooncake", "object_store", "ray_direct")
 TELEMETRY_EXPORTERS = ("none", "console", "memory", "otlp")

@@ -34,6 +34,17 @@ def default_moe_model_dir() -> Path:
     return EMBEDDED_MODELS[DEFAULT_MOE_MODEL_NAME]
 
 
+# The EAGLE-1 draft head for "default" (``raycake train-eagle`` output): a draft model, not a
+# target, so it is not in EMBEDDED_MODELS.
+DEFAULT_EAGLE_HEAD_TRAIN_COMMAND = (
+    "raycake train-eagle --out-dir raycake/assets/default_model_eagle"
+)
+
+
+def default_eagle_head_dir() -> Path:
+    return _ASSETS / "default_model_eagle"
+
+
 def train_command(name: str) -> str:
     """The command that rebuilds embedded model ``name``."""
     return _TRAIN_COMMANDS[name]
