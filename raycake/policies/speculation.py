@@ -13,7 +13,7 @@ Acceptance model: draft token j (1-based) is accepted with probability ``alpha**
 accepted independently with rate ``alpha`` given its predecessors were), so a budget of k gives
 ``E[emitted] = 1 + alpha + ... + alpha**k = (1 - alpha**(k+1)) / (1 - alpha)`` tokens per step.
 With a tree of k nodes the engine does at least as well as a chain of k, so the model is
-conservative there. ``AcceptanceTracker`` fits ``alpha`` per request from what was accepted.
+conservative there. ``speculation_controller.AcceptanceTracker`` fits ``alpha`` per request.
 
 Pure Python: no torch, no Ray.
 """
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from raycake.config import SpeculativeConfig
 from raycake.policies.cost_model import StepCostModel
 
 SPECULATION_POLICY_NAMES = ("adaptive", "fixed", "off")
@@ -373,93 +374,6 @@ def goodput(
     return emitted / seconds
 
 
-# --- Acceptance tracking ----------------------------------------------------------------------
-
-
-@dataclass
-class _Acceptance:
-    """Decayed counts of one request's accepted and rejected draft tokens."""
-
-    accepted: float
-    rejected: float
-    mean_emitted: float | None = None
-
-
-class AcceptanceTracker:
-    """Per-request acceptance rate: exponentially weighted counts of accepted and rejected drafts.
-
-    The geometric model's maximum-likelihood rate is accepted / (accepted + rejections), where a
-    step that drafted k and accepted a < k counts a acceptances and one rejection (a == k counts
-    no rejection: the chain was never refuted). Both counts decay by ``decay`` per observed step,
-    and start from a prior worth ``prior_weight`` draft tokens at ``prior_rate``, so a new
-    request gets a modest budget and its own history takes over within a few steps.
-    """
-
-    def __init__(
-        self, prior_rate: float = 0.6, prior_weight: float = 4.0, decay: float = 0.8
-    ) -> None:
-        _require(
-            _is_number(prior_rate) and 0.0 <= prior_rate <= 1.0,
-            "prior_rate",
-            "a number in [0, 1]",
-            prior_rate,
-        )
-        _require(_is_number(prior_weight) and prior_weight > 0, "prior_weight", "> 0", prior_weight)
-        _require(_is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
-        self.prior_rate, self.prior_weight, self.decay = prior_rate, prior_weight, decay
-        self._state: dict[str, _Acceptance] = {}
-
-    def observe(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
-        """One verify step: ``num_accepted`` of ``num_draft_tokens`` drafts were accepted."""
-        _require(
-            _is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
-        )
-        _require(
-            _is_count(num_accepted, 0) and num_accepted <= num_draft_tokens,
-            "num_accepted",
-            f"an integer in [0, num_draft_tokens={num_draft_tokens}]",
-            num_accepted,
-        )
-        if num_draft_tokens == 0:
-            return
-        state = self._state.get(request_id)
-        if state is None:
-            state = self._state[request_id] = _Acceptance(
-                accepted=self.prior_rate * self.prior_weight,
-                rejected=(1 - self.prior_rate) * self.prior_weight,
-            )
-        state.accepted = self.decay * state.accepted + num_accepted
-        state.rejected = self.decay * state.rejected + (num_accepted < num_draft_tokens)
-        emitted = num_accepted + 1
-        state.mean_emitted = (
-            emitted
-            if state.mean_emitted is None
-            else self.decay * state.mean_emitted + (1 - self.decay) * emitted
-        )
-
-    def acceptance_rate(self, request_id: str) -> float:
-        """The request's fitted rate; the prior for a request with no observed step."""
-        state = self._state.get(request_id)
-        if state is None or state.accepted + state.rejected == 0:
-            return self.prior_rate
-        return state.accepted / (state.accepted + state.rejected)
-
-    def mean_emitted_tokens(self, request_id: str) -> float | None:
-        """EWMA of tokens emitted per verify step (1 + accepted); None before any step."""
-        state = self._state.get(request_id)
-        return None if state is None else state.mean_emitted
-
-    def view(self, request_id: str, tokens_left: int | None = None) -> SpecRequestView:
-        return SpecRequestView(request_id, self.acceptance_rate(request_id), tokens_left)
-
-    def forget(self, request_id: str) -> None:
-        """Drop a finished or aborted request."""
-        self._state.pop(request_id, None)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-
 # --- Registry ---------------------------------------------------------------------------------
 
 SPECULATION_POLICIES: dict[str, type[SpeculationPolicy]] = {
@@ -478,3 +392,12 @@ def make_speculation_policy(name: str, **kwargs: Any) -> SpeculationPolicy:
             f"speculation_policy: expected one of {sorted(SPECULATION_POLICIES)}, got {name!r}"
         ) from None
     return cls(**kwargs)
+
+
+def speculation_policy_from_config(config: SpeculativeConfig) -> SpeculationPolicy:
+    """``config.policy`` with ``num_draft_tokens`` as the fixed budget or the adaptive maximum."""
+    if config.method is None or config.policy == "off":
+        return NoSpeculation()
+    if config.policy == "fixed":
+        return FixedSpeculation(config.num_draft_tokens)
+    return AdaptiveSpeculation(max_draft_tokens=config.num_draft_tokens)

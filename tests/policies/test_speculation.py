@@ -14,11 +14,12 @@ import sys
 
 import pytest
 
+from raycake.config import SPECULATION_POLICIES as config_policy_names
+from raycake.config import SpeculativeConfig
 from raycake.policies.cost_model import StepCostModel
 from raycake.policies.speculation import (
     SPECULATION_POLICIES,
     SPECULATION_POLICY_NAMES,
-    AcceptanceTracker,
     AdaptiveSpeculation,
     FixedSpeculation,
     NoSpeculation,
@@ -28,6 +29,7 @@ from raycake.policies.speculation import (
     expected_emitted_tokens,
     goodput,
     make_speculation_policy,
+    speculation_policy_from_config,
 )
 
 COST = SpecCostView(target_fixed_s=0.010, target_per_token_s=0.05e-3, draft_fixed_s=0.001)
@@ -145,29 +147,6 @@ def test_adaptive_matches_brute_force_on_small_mixed_batches():
     assert decision.predicted_goodput == pytest.approx(best[0], rel=1e-3)
 
 
-def test_acceptance_tracker_prior_then_history():
-    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=0.8)
-    assert tracker.acceptance_rate("new") == 0.6
-    assert tracker.mean_emitted_tokens("new") is None
-    assert len(tracker) == 0  # queries do not create state
-    for _ in range(20):
-        tracker.observe("good", num_draft_tokens=4, num_accepted=4)
-        tracker.observe("bad", num_draft_tokens=4, num_accepted=0)
-    assert tracker.acceptance_rate("good") > 0.95
-    assert tracker.acceptance_rate("bad") < 0.05
-    assert tracker.mean_emitted_tokens("good") == pytest.approx(5.0, rel=1e-2)
-    # By hand: one step accepting 2 of 4 from the prior (2.4 accepted, 1.6 rejected).
-    tracker.observe("one", 4, 2)
-    assert tracker.acceptance_rate("one") == pytest.approx((0.8 * 2.4 + 2) / (0.8 * 4 + 2 + 1))
-    tracker.observe("one", 0, 0)  # no drafts: no evidence
-    assert tracker.acceptance_rate("one") == pytest.approx((0.8 * 2.4 + 2) / (0.8 * 4 + 3))
-    assert tracker.view("one", tokens_left=7) == SpecRequestView(
-        "one", tracker.acceptance_rate("one"), 7
-    )
-    tracker.forget("one")
-    assert tracker.acceptance_rate("one") == 0.6
-
-
 def test_cost_view_from_step_cost_model():
     model = StepCostModel(
         prefill_fixed_s=0.01,
@@ -201,8 +180,6 @@ def test_cost_view_from_step_cost_model():
         (lambda: AdaptiveSpeculation(min_relative_gain=-0.1), "min_relative_gain"),
         (lambda: AdaptiveSpeculation().decide(batch(1, 0.5), None), "cost"),
         (lambda: NoSpeculation().decide([*batch(1, 0.5), *batch(1, 0.5)]), "distinct request ids"),
-        (lambda: AcceptanceTracker(decay=0), "decay"),
-        (lambda: AcceptanceTracker().observe("x", 2, 3), "num_accepted"),
         (lambda: make_speculation_policy("eagle"), "speculation_policy"),
         (lambda: acceptance_rate_from_length(7.0, 5), "mean_emitted_tokens"),
     ],
@@ -214,15 +191,27 @@ def test_bad_inputs_name_the_field(build, field):
 
 def test_registry():
     assert set(SPECULATION_POLICY_NAMES) == set(SPECULATION_POLICIES)
+    assert set(SPECULATION_POLICY_NAMES) == set(config_policy_names)
     for name in SPECULATION_POLICY_NAMES:
         assert make_speculation_policy(name).name == name
     assert make_speculation_policy("fixed", num_draft_tokens=3).num_draft_tokens == 3
 
 
+def test_policy_from_config():
+    def spec(**kwargs):
+        return SpeculativeConfig(draft_model="head", **kwargs)
+
+    assert speculation_policy_from_config(spec(policy="off")).name == "off"
+    assert speculation_policy_from_config(spec(method=None, policy="fixed")).name == "off"
+    assert speculation_policy_from_config(spec(num_draft_tokens=6)).num_draft_tokens == 6
+    adaptive = speculation_policy_from_config(spec(policy="adaptive", num_draft_tokens=6))
+    assert isinstance(adaptive, AdaptiveSpeculation) and adaptive.max_draft_tokens == 6
+
+
 def test_imports_without_torch_or_ray():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['ray'] = None\n"
-        "import raycake.policies.speculation as s\n"
+        "import raycake.policies.speculation as s, raycake.policies.speculation_controller\n"
         "print(s.AdaptiveSpeculation().decide([s.SpecRequestView('a', 0.8)], "
         "s.SpecCostView(target_fixed_s=0.01, target_per_token_s=0, draft_fixed_s=0.001)).draft_tokens)"
     )

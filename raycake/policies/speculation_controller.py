@@ -1,0 +1,259 @@
+"""The stateful side of speculation: what was accepted, what steps cost, and the per-step hook.
+
+``SpeculationController.budget_for`` has the scheduler's ``DraftBudget`` signature (request ids
+-> draft tokens): it builds each request's view from an ``AcceptanceTracker``, the step costs
+from measured timings (``LinearTimingFit``; a prior until measured), asks the policy and keeps
+the decision for metrics (``last_decision``, ``metrics()``). The runner reports back with
+``observe_verify`` / ``observe_target_step`` / ``observe_draft_step`` and ``forget``.
+Pure Python: no torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from raycake.config import SpeculativeConfig
+from raycake.policies.speculation import (
+    SpecCostView,
+    SpecRequestView,
+    SpeculationDecision,
+    SpeculationPolicy,
+    speculation_policy_from_config,
+)
+
+
+def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# --- Acceptance ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Acceptance:
+    """Decayed counts of one request's accepted and rejected draft tokens."""
+
+    accepted: float
+    rejected: float
+    mean_emitted: float | None = None
+
+
+class AcceptanceTracker:
+    """Per-request acceptance rate: exponentially weighted counts of accepted and rejected drafts.
+
+    The geometric model's maximum-likelihood rate is accepted / (accepted + rejections), where a
+    step that drafted k and accepted a < k counts a acceptances and one rejection (a == k counts
+    no rejection: the chain was never refuted). Both counts decay by ``decay`` per observed step,
+    and start from a prior worth ``prior_weight`` draft tokens at ``prior_rate``, so a new
+    request gets a modest budget and its own history takes over within a few steps.
+    """
+
+    def __init__(
+        self, prior_rate: float = 0.6, prior_weight: float = 4.0, decay: float = 0.8
+    ) -> None:
+        _require(
+            _is_number(prior_rate) and 0.0 <= prior_rate <= 1.0,
+            "prior_rate",
+            "a number in [0, 1]",
+            prior_rate,
+        )
+        _require(_is_number(prior_weight) and prior_weight > 0, "prior_weight", "> 0", prior_weight)
+        _require(_is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
+        self.prior_rate, self.prior_weight, self.decay = prior_rate, prior_weight, decay
+        self._state: dict[str, _Acceptance] = {}
+
+    def observe(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
+        """One verify step: ``num_accepted`` of ``num_draft_tokens`` drafts were accepted."""
+        _require(
+            _is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
+        )
+        _require(
+            _is_count(num_accepted, 0) and num_accepted <= num_draft_tokens,
+            "num_accepted",
+            f"an integer in [0, num_draft_tokens={num_draft_tokens}]",
+            num_accepted,
+        )
+        if num_draft_tokens == 0:
+            return
+        state = self._state.get(request_id)
+        if state is None:
+            state = self._state[request_id] = _Acceptance(
+                accepted=self.prior_rate * self.prior_weight,
+                rejected=(1 - self.prior_rate) * self.prior_weight,
+            )
+        state.accepted = self.decay * state.accepted + num_accepted
+        state.rejected = self.decay * state.rejected + (num_accepted < num_draft_tokens)
+        emitted = num_accepted + 1
+        state.mean_emitted = (
+            emitted
+            if state.mean_emitted is None
+            else self.decay * state.mean_emitted + (1 - self.decay) * emitted
+        )
+
+    def acceptance_rate(self, request_id: str) -> float:
+        """The request's fitted rate; the prior for a request with no observed step."""
+        state = self._state.get(request_id)
+        if state is None or state.accepted + state.rejected == 0:
+            return self.prior_rate
+        return state.accepted / (state.accepted + state.rejected)
+
+    def mean_emitted_tokens(self, request_id: str) -> float | None:
+        """EWMA of tokens emitted per verify step (1 + accepted); None before any step."""
+        state = self._state.get(request_id)
+        return None if state is None else state.mean_emitted
+
+    def view(self, request_id: str, tokens_left: int | None = None) -> SpecRequestView:
+        return SpecRequestView(request_id, self.acceptance_rate(request_id), tokens_left)
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished or aborted request."""
+        self._state.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+# --- Step costs ---------------------------------------------------------------------------------
+
+
+class LinearTimingFit:
+    """seconds ~ fixed + slope x size, by exponentially weighted least squares (both >= 0).
+
+    Each observation's weight decays by ``decay`` per later observation, so the fit follows a
+    changing machine. ``fit()`` is None until two distinct sizes were seen (the slope is then
+    undetermined); a fit with a single size is still useful as ``mean_seconds``.
+    """
+
+    def __init__(self, decay: float = 0.98) -> None:
+        _require(_is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, size: float, seconds: float) -> None:
+        _require(_is_number(size) and size >= 0, "size", "a finite number >= 0", size)
+        _require(_is_number(seconds) and seconds > 0, "seconds", "a finite number > 0", seconds)
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._x = d * self._x + size
+        self._y = d * self._y + seconds
+        self._xx = d * self._xx + size * size
+        self._xy = d * self._xy + size * seconds
+
+    @property
+    def mean_seconds(self) -> float | None:
+        return None if self._w == 0 else self._y / self._w
+
+    @property
+    def mean_size(self) -> float | None:
+        return None if self._w == 0 else self._x / self._w
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed, slope), or None while the sizes seen do not determine a slope."""
+        if self._w == 0:
+            return None
+        variance = self._w * self._xx - self._x * self._x
+        if variance <= 1e-9 * max(1.0, self._w * self._xx):
+            return None
+        slope = max(0.0, (self._w * self._xy - self._x * self._y) / variance)
+        fixed = (self._y - slope * self._x) / self._w
+        if fixed < 0:  # the best fit through the origin instead
+            return 0.0, self._xy / self._xx
+        return fixed, slope
+
+
+# --- The scheduler's hook ---------------------------------------------------------------------
+
+# Until measured: a target step that is mostly fixed cost and a draft step a tenth of it.
+DEFAULT_PRIOR_COST = SpecCostView(
+    target_fixed_s=0.010, target_per_token_s=1e-5, draft_fixed_s=0.001, draft_per_seq_s=0.0
+)
+
+
+class SpeculationController:
+    """A policy with the state it decides on. Not thread-safe: one per engine."""
+
+    def __init__(
+        self,
+        policy: SpeculationPolicy,
+        tracker: AcceptanceTracker | None = None,
+        prior_cost: SpecCostView = DEFAULT_PRIOR_COST,
+    ) -> None:
+        self.policy = policy
+        self.tracker = tracker or AcceptanceTracker()
+        self.prior_cost = prior_cost
+        self.target_timing = LinearTimingFit()
+        self.draft_timing = LinearTimingFit()
+        self.last_decision: SpeculationDecision | None = None
+        self.num_steps = 0
+        # Steps in which at least one request speculated.
+        self.num_speculating_steps = 0
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig) -> SpeculationController:
+        return cls(speculation_policy_from_config(config))
+
+    def cost(self) -> SpecCostView:
+        """Measured costs where measured, the prior's elsewhere: with a single size seen, the
+        prior's slope through the measured mean."""
+        prior = self.prior_cost
+        target = self.target_timing.fit()
+        if target is None:
+            target = (prior.target_fixed_s, prior.target_per_token_s)
+            mean_s, mean_size = self.target_timing.mean_seconds, self.target_timing.mean_size
+            if mean_s is not None and mean_size is not None:
+                target = (max(0.0, mean_s - prior.target_per_token_s * mean_size), target[1])
+        if target[0] + target[1] <= 0:
+            target = (prior.target_fixed_s, prior.target_per_token_s)
+        draft = self.draft_timing.fit()
+        if draft is None:
+            draft = (prior.draft_fixed_s, prior.draft_per_seq_s)
+            mean_s, mean_size = self.draft_timing.mean_seconds, self.draft_timing.mean_size
+            if mean_s is not None and mean_size is not None:
+                draft = (max(0.0, mean_s - prior.draft_per_seq_s * mean_size), draft[1])
+        return SpecCostView(
+            target_fixed_s=target[0],
+            target_per_token_s=target[1],
+            draft_fixed_s=draft[0],
+            draft_per_seq_s=draft[1],
+        )
+
+    def budget_for(self, request_ids: list[str]) -> dict[str, int]:
+        """The scheduler's ``DraftBudget``: draft tokens for each decoding request this step."""
+        views = [self.tracker.view(rid) for rid in request_ids]
+        decision = self.policy.decide(views, self.cost())
+        self.last_decision = decision
+        self.num_steps += 1
+        self.num_speculating_steps += decision.num_speculating > 0
+        return dict(decision.draft_tokens)
+
+    def observe_verify(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
+        self.tracker.observe(request_id, num_draft_tokens, num_accepted)
+
+    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
+        """A target forward over ``num_tokens`` query tokens (decodes + drafts) took ``seconds``."""
+        self.target_timing.observe(num_tokens, seconds)
+
+    def observe_draft_step(self, num_seqs: int, seconds: float) -> None:
+        """One draft-head step over ``num_seqs`` requests took ``seconds``."""
+        self.draft_timing.observe(num_seqs, seconds)
+
+    def forget(self, request_id: str) -> None:
+        self.tracker.forget(request_id)
+
+    def metrics(self) -> dict[str, float]:
+        """The last step's choice (``SpeculationDecision.metrics``) plus running totals."""
+        out = {} if self.last_decision is None else self.last_decision.metrics()
+        out["spec_policy_steps"] = float(self.num_steps)
+        out["spec_policy_speculating_steps"] = float(self.num_speculating_steps)
+        return out

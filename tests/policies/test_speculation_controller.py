@@ -1,0 +1,117 @@
+"""The speculation controller: acceptance tracking, measured step costs, the scheduler's hook."""
+
+from __future__ import annotations
+
+import pytest
+
+from raycake.config import SpeculativeConfig
+from raycake.policies.speculation import SpecCostView, SpecRequestView
+from raycake.policies.speculation_controller import (
+    AcceptanceTracker,
+    LinearTimingFit,
+    SpeculationController,
+)
+
+
+def test_acceptance_tracker_prior_then_history():
+    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=0.8)
+    assert tracker.acceptance_rate("new") == 0.6
+    assert tracker.mean_emitted_tokens("new") is None
+    assert len(tracker) == 0  # queries do not create state
+    for _ in range(20):
+        tracker.observe("good", num_draft_tokens=4, num_accepted=4)
+        tracker.observe("bad", num_draft_tokens=4, num_accepted=0)
+    assert tracker.acceptance_rate("good") > 0.95
+    assert tracker.acceptance_rate("bad") < 0.05
+    assert tracker.mean_emitted_tokens("good") == pytest.approx(5.0, rel=1e-2)
+    # By hand: one step accepting 2 of 4 from the prior (2.4 accepted, 1.6 rejected).
+    tracker.observe("one", 4, 2)
+    assert tracker.acceptance_rate("one") == pytest.approx((0.8 * 2.4 + 2) / (0.8 * 4 + 2 + 1))
+    tracker.observe("one", 0, 0)  # no drafts: no evidence
+    assert tracker.acceptance_rate("one") == pytest.approx((0.8 * 2.4 + 2) / (0.8 * 4 + 3))
+    assert tracker.view("one", tokens_left=7) == SpecRequestView(
+        "one", tracker.acceptance_rate("one"), 7
+    )
+    tracker.forget("one")
+    assert tracker.acceptance_rate("one") == 0.6
+
+
+def test_linear_timing_fit_recovers_a_line():
+    fit = LinearTimingFit(decay=1.0)
+    assert fit.fit() is None and fit.mean_seconds is None
+    fit.observe(8, 0.01 + 8 * 2e-4)
+    assert fit.fit() is None  # one size: no slope yet
+    assert fit.mean_seconds == pytest.approx(0.0116)
+    for size in (1, 16, 64, 256):
+        fit.observe(size, 0.01 + size * 2e-4)
+    fixed, slope = fit.fit()
+    assert fixed == pytest.approx(0.01) and slope == pytest.approx(2e-4)
+    # Timings that fall with size: the slope is clamped at 0.
+    falling = LinearTimingFit()
+    falling.observe(1, 0.02)
+    falling.observe(10, 0.01)
+    assert falling.fit()[1] == 0.0
+
+
+def test_controller_hook_decides_and_reports():
+    controller = SpeculationController.from_config(
+        SpeculativeConfig(draft_model="head", policy="fixed", num_draft_tokens=3)
+    )
+    assert controller.budget_for(["a", "b"]) == {"a": 3, "b": 3}
+    metrics = controller.metrics()
+    assert metrics["spec_draft_tokens"] == 6.0
+    assert metrics["spec_policy_steps"] == 1.0 and metrics["spec_policy_speculating_steps"] == 1.0
+
+
+def test_adaptive_controller_follows_measured_costs_and_acceptance():
+    controller = SpeculationController.from_config(
+        SpeculativeConfig(draft_model="head", policy="adaptive", num_draft_tokens=8)
+    )
+    # Measured: a compute-bound target (5 ms + 0.2 ms per token) and 1 ms draft steps.
+    for tokens in (1, 4, 16, 64, 256, 1024):
+        controller.observe_target_step(tokens, 0.005 + tokens * 2e-4)
+        controller.observe_draft_step(tokens, 0.001)
+    cost = controller.cost()
+    assert cost.target_fixed_s == pytest.approx(0.005, rel=1e-6)
+    assert cost.target_per_token_s == pytest.approx(2e-4, rel=1e-6)
+    for _ in range(10):
+        controller.observe_verify("good", 4, 4)
+        controller.observe_verify("bad", 4, 0)
+    assert controller.budget_for(["good"])["good"] >= 3
+    assert controller.budget_for(["bad"])["bad"] == 0
+    many = [f"r{i}" for i in range(128)]
+    assert set(controller.budget_for(many).values()) == {0}
+    assert controller.last_decision.num_speculating == 0
+    assert controller.metrics()["spec_num_speculating"] == 0.0
+    controller.forget("good")
+    assert controller.tracker.acceptance_rate("good") == controller.tracker.prior_rate
+
+
+def test_controller_cost_before_and_after_one_size():
+    prior = SpecCostView(target_fixed_s=0.01, target_per_token_s=1e-4, draft_fixed_s=0.002)
+    controller = SpeculationController(
+        SpeculationController.from_config(SpeculativeConfig(draft_model="h")).policy,
+        prior_cost=prior,
+    )
+    assert controller.cost() == prior
+    controller.observe_target_step(10, 0.05)  # slower machine: level from the measurement
+    assert controller.cost().target_seconds(10) == pytest.approx(0.05)
+    assert controller.cost().target_per_token_s == prior.target_per_token_s
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: AcceptanceTracker(decay=0), "decay"),
+        (lambda: AcceptanceTracker(prior_rate=2), "prior_rate"),
+        (lambda: AcceptanceTracker().observe("x", 2, 3), "num_accepted"),
+        (lambda: LinearTimingFit().observe(4, 0.0), "seconds"),
+    ],
+)
+def test_bad_inputs_name_the_field(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_view_is_a_request_view():
+    assert isinstance(AcceptanceTracker().view("x"), SpecRequestView)
