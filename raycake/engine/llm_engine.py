@@ -354,6 +354,9 @@ class LLMEngine:
         tracked = self._tracked.pop(request_id)
         tracked.finish_reason = finish_reason
         tracked.metrics.finished_time = now
+        if isinstance(self.runner, SpecDecodeRunner):
+            lengths = self.runner.stats.acceptance_lengths.pop(request_id, [])
+            tracked.metrics.spec_acceptance_lengths = lengths
         self._finished[request_id] = RequestOutput(
             request_id=request_id,
             prompt=tracked.prompt,

@@ -13,6 +13,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # Speculative decoding: tokens emitted by each verify step (accepted drafts + 1).
+    spec_acceptance_lengths: list[int] = field(default_factory=list)
 
     @property
     def ttft(self) -> float | None:

@@ -167,7 +167,8 @@ class SpecDecodeStats:
     num_emitted_tokens: int = 0  # accepted + bonus tokens of verify steps
     draft_seconds: float = 0.0  # head forwards: drafting trees and keeping the head's KV current
     target_seconds: float = 0.0  # target forward passes and verification
-    # Per request: tokens emitted by each of its verify steps (accepted + 1).
+    # Per request in flight: tokens emitted by each of its verify steps (accepted + 1); the
+    # engine moves a finished request's list into its RequestMetrics.
     acceptance_lengths: dict[str, list[int]] = field(default_factory=dict)
 
     @property

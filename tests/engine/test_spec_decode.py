@@ -124,10 +124,10 @@ def test_oracle_drafts_accept_many_tokens_and_roll_back_kv(checkpoint) -> None:
     expected = [
         full[tuple(p)][len(p) : len(p) + s.max_tokens] for p, s in zip(prompts, params, strict=True)
     ]
-    assert _generate(spec_llm, prompts, params) == expected
-    stats = spec_llm.engine.spec_stats()
-    assert stats.mean_acceptance_length > 2.0
-    assert max(max(v) for v in stats.acceptance_lengths.values()) >= 4
+    outs = spec_llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == expected
+    assert spec_llm.engine.spec_stats().mean_acceptance_length > 2.0
+    assert max(max(o.metrics.spec_acceptance_lengths) for o in outs) >= 4
     # Second round: prompts that extend the first outputs reuse blocks committed by verify steps.
     extended = [full[tuple(p)][: len(p) + 9] for p in prompts]
     full2 = {tuple(e): full[tuple(p)] for e, p in zip(extended, prompts, strict=True)}
@@ -161,6 +161,22 @@ def test_stop_conditions_hold_within_one_verify_step(checkpoint) -> None:
     want = plain_llm.generate(prompts, params)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert [g.outputs[0].finish_reason for g in got] == ["stop"] * len(prompts)
+
+
+def test_sampling_through_the_engine(checkpoint) -> None:
+    """Seeded sampling with a random head runs, is reproducible, and reports acceptance."""
+    target, head = checkpoint
+    prompts = _prompts(4, seed=6)
+    params = [SamplingParams(temperature=0.8, top_k=50, seed=i, max_tokens=12) for i in range(4)]
+    runs = []
+    for _ in range(2):
+        llm = _llm(target, head, num_draft_tokens=4, tree_top_k=2, max_depth=2)
+        outs = llm.generate(prompts, params)
+        runs.append([o.token_ids for o in outs])
+        assert all(o.metrics.spec_acceptance_lengths for o in outs)
+        assert llm.engine.spec_stats().acceptance_lengths == {}  # moved into the outputs
+    assert runs[0] == runs[1]
+    assert all(0 <= t < 320 for out in runs[0] for t in out)
 
 
 def test_verify_greedy_follows_the_argmax() -> None:
