@@ -3,11 +3,14 @@
 Legend: B windows, S tokens per window, E hidden size, V vocabulary.
 
 For a window x[0..S] the target computes features f[t] (its final hidden states) for t < S. The
-head's entry t reads (f[t] + noise, x[t+1], position t+1) and predicts f[t+1]; the loss is the
-EAGLE paper's smooth-L1 to f[t+1] plus 0.1 x cross-entropy of the target's lm_head on the
-prediction against x[t+2]. Writes the head (``save_eagle_head``) plus ``train_report.json`` and
-``loss_curve.png``. The report's ``held_out_accuracy`` is how often the head's top-1 token equals
-the target's greedy token on held-out text: the chance one draft token is accepted.
+head's entry t reads (f[t] + uniform noise, x[t+1], position t+1) and predicts f[t+1]. The loss is
+the EAGLE paper's: smooth-L1 to f[t+1] plus 0.1 x the cross-entropy from the target's next-token
+distribution Softmax(LM_Head(f[t+1])) to the head's Softmax(LM_Head(prediction)) (or, with
+``token_target="text"``, to the corpus token x[t+2]). Features come from the frozen target on
+every batch, or once for a pool of windows (``cache_windows``). Writes the head
+(``save_eagle_head``) plus ``train_report.json`` and ``loss_curve.png``. The report's
+``held_out_accuracy`` is how often the head's top-1 token equals the target's greedy token on
+held-out text, with the true features as input: the chance the first draft token is accepted.
 """
 
 from __future__ import annotations
