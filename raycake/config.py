@@ -610,7 +610,7 @@ class EagleTrainConfig:
     seed: int = 0
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 1000
+    steps: int = 2000
     learning_rate: float = 3e-3
     min_learning_rate: float = 3e-4
     warmup_steps: int = 50

@@ -37,7 +37,7 @@ def default_moe_model_dir() -> Path:
 # The EAGLE-1 draft head for "default" (``raycake train-eagle`` output): a draft model, not a
 # target, so it is not in EMBEDDED_MODELS.
 DEFAULT_EAGLE_HEAD_TRAIN_COMMAND = (
-    "raycake train-eagle --out-dir raycake/assets/default_model_eagle --cache-windows 4096"
+    "raycake train-eagle --out-dir raycake/assets/default_model_eagle --cache-windows 8192"
 )
 
 

@@ -200,7 +200,9 @@ class _CachedFeatures:
         self.features = torch.cat(chunks)  # [N, S, E]
 
 
-def plot_eagle_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+def plot_eagle_curves(
+    history: list[dict[str, float]], path: Path, title: str, majority_accuracy: float | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,6 +223,8 @@ def plot_eagle_curves(history: list[dict[str, float]], path: Path, title: str) -
     acc_ax.plot(
         [h["step"] for h in evals], [h["held_out_accuracy"] for h in evals], "o-", label="head"
     )
+    if majority_accuracy is not None:
+        acc_ax.axhline(majority_accuracy, ls="--", color="gray", label="most frequent token")
     acc_ax.set_xlabel("step")
     acc_ax.set_ylabel("top-1 = target's greedy token")
     acc_ax.set_title("held-out draft accuracy")
@@ -352,7 +356,12 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
         json.dumps({"config": asdict(cfg), "report": asdict(report), "history": history}, indent=1)
         + "\n"
     )
-    plot_eagle_curves(history, out_dir / "loss_curve.png", f"EAGLE head for {cfg.target!r}")
+    plot_eagle_curves(
+        history,
+        out_dir / "loss_curve.png",
+        f"EAGLE head for {cfg.target!r}",
+        final.majority_accuracy,
+    )
     return report
 
 
