@@ -36,6 +36,7 @@ from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from raycake.policies.speculation_controller import SpeculationController
 
 
 @dataclass(frozen=True)
@@ -408,15 +409,15 @@ class LLMEngine:
 
 
 def draft_budget_for(spec: SpeculativeConfig) -> DraftBudget | None:
-    """The per-step draft budget of ``spec.policy``.
+    """The per-step draft budget: decided by the speculation policy (raycake.policies), not here.
 
-    NOTE: "adaptive" drafts the full budget until the policy in raycake.policies.speculation
-    is wired in (its ``budget_for`` has this signature).
+    NOTE: "adaptive" needs the runner's acceptance and step-time feedback, which is not wired
+    yet; until it is, it runs as the fixed policy at its maximum, ``num_draft_tokens``.
     """
     if spec.method is None or spec.policy == "off":
         return None
-    budget = spec.num_draft_tokens
-    return lambda request_ids: dict.fromkeys(request_ids, budget)
+    fixed = dataclasses.replace(spec, policy="fixed")
+    return SpeculationController.from_config(fixed).budget_for
 
 
 def moe_load_since(
