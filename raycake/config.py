@@ -674,7 +674,14 @@ class EagleTrainConfig:
         )
 
 
-SCHEDULING_POLICY_NAMES = ("cache_aware", "least_loaded", "random", "round_robin")
+SCHEDULING_POLICY_NAMES = (
+    "cache_aware",
+    "dynamo_kv",
+    "least_loaded",
+    "random",
+    "round_robin",
+    "sglang_cache_aware",
+)
 TRANSFER_BACKENDS = ("mooncake", "object_store", "ray_direct")
 TELEMETRY_EXPORTERS = ("none", "console", "memory", "otlp")
 

@@ -114,6 +114,8 @@ class Conductor:
             store_block_bytes=self.block_bytes,
             ttft_slo_s=ttft_slo_s if ttft_slo_s is not None else self.config.ttft_slo_s,
             tbt_slo_s=tbt_slo_s if tbt_slo_s is not None else self.config.tbt_slo_s,
+            # Routers with their own prefix trees key them by hash: the whole digest as an int.
+            prefix_hashes=tuple(int.from_bytes(h, "little") for h in block_hashes),
         )
         cluster = ClusterView(
             prefill=[

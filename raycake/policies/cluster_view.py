@@ -100,6 +100,13 @@ class RequestView:
     # None: no SLO of that kind for this request (the conductor stamps the cluster's defaults).
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # The prompt's chained block hashes in order, as integers (a block's hash covers its tokens
+    # and its predecessor's hash, so equal i-th hashes mean equal prefixes through block i), for
+    # routers that keep their own approximate prefix trees. At most ``num_prompt_blocks + 1``:
+    # Mooncake traces hash the partial last block too (ceil(tokens / block_size) ids); the
+    # engine hashes full blocks only, and the conductor passes each 16-byte digest as a
+    # little-endian integer. Empty: unknown (such routers then see no prefix match).
+    prefix_hashes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"request {self.request_id!r}"
@@ -111,6 +118,21 @@ class RequestView:
         for name in ("ttft_slo_s", "tbt_slo_s"):
             if getattr(self, name) is not None:
                 _finite_number(f"{where}.{name}", getattr(self, name), allow_zero=False)
+        hashes = self.prefix_hashes
+        require_field(
+            isinstance(hashes, tuple)
+            and all(isinstance(h, int) and not isinstance(h, bool) for h in hashes),
+            f"{where}.prefix_hashes",
+            "a tuple of integers",
+            hashes if not isinstance(hashes, tuple) else [h for h in hashes if type(h) is not int],
+        )
+        require_field(
+            len(hashes) <= self.num_prompt_blocks + 1,
+            f"{where}.prefix_hashes",
+            f"at most num_prompt_blocks + 1 = {self.num_prompt_blocks + 1} hashes "
+            f"({self.num_prompt_tokens} tokens in blocks of {self.block_size})",
+            f"{len(hashes)} hashes",
+        )
 
     @property
     def num_prompt_blocks(self) -> int:

@@ -73,3 +73,15 @@ def test_measured_store_reads_move_the_bandwidth_estimate():
     conductor.prefill_done("unknown", [], store_fetch_bytes=10_000_000, store_fetch_seconds=1.0)
     bandwidth = conductor.stats().transfer_bandwidth_bytes_per_s
     assert bandwidth == 0.7 * 1e9 + 0.3 * 1e7
+
+
+def test_requests_carry_their_block_hashes_to_the_policy():
+    # SGLang's router keeps its own prefix tree from these: a follow-up sharing the first
+    # request's 8 blocks matches them all (128 / 140 tokens > 0.3) and follows it.
+    conductor = _conductor(policy="sglang_cache_aware")
+    hashes = [bytes([i]) * 16 for i in range(8)]
+    first = conductor.schedule("a", hashes, 130, 10)
+    tree = conductor.policy.tree(first.prefill_instance_id)
+    assert tree.match([int.from_bytes(h, "little") for h in hashes]) == 8
+    second = conductor.schedule("b", hashes, 140, 10)
+    assert second.prefill_instance_id == first.prefill_instance_id

@@ -322,7 +322,14 @@ def test_views_are_validated_and_left_unchanged():
 
 
 def test_policies_are_chosen_by_name():
-    assert set(SCHEDULING_POLICIES) == {"random", "round_robin", "least_loaded", "cache_aware"}
+    assert set(SCHEDULING_POLICIES) == {
+        "random",
+        "round_robin",
+        "least_loaded",
+        "cache_aware",
+        "sglang_cache_aware",
+        "dynamo_kv",
+    }
     for name in SCHEDULING_POLICIES:
         policy = make_scheduling_policy(name)
         assert isinstance(policy, SchedulingPolicy) and policy.name == name
@@ -349,6 +356,7 @@ def test_policies_import_without_torch_ray_or_numpy():
         "import sys\n"
         "sys.modules.update(torch=None, ray=None, numpy=None)\n"
         "import raycake.policies.cost_model, raycake.policies.scheduling\n"
+        "import raycake.policies.baseline_routers, raycake.policies.estimates\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
