@@ -102,12 +102,18 @@ class LLMEngine:
         )
         num_blocks = num_blocks_for(model_config, config.cache, DTYPES[config.dtype])
         spec = config.speculative
+        # The speculative batching policy with the acceptance and step costs it decides on.
+        self.spec_controller = (
+            SpeculationController.from_config(spec)
+            if spec is not None and spec.method is not None
+            else None
+        )
         self.scheduler = Scheduler(
             config.scheduler,
             config.cache,
             num_blocks,
             self.max_model_len,
-            draft_budget=draft_budget_for(spec) if spec is not None else None,
+            draft_budget=draft_budget_for(spec, self.spec_controller),
         )
         self.runner: ModelRunner
         if spec is not None and spec.method == "eagle":
@@ -120,6 +126,7 @@ class LLMEngine:
                 num_blocks,
                 config.scheduler.max_num_seqs,
                 seed=config.seed,
+                controller=self.spec_controller,
             )
         else:
             self.runner = ModelRunner(
@@ -356,8 +363,13 @@ class LLMEngine:
         tracked.finish_reason = finish_reason
         tracked.metrics.finished_time = now
         if isinstance(self.runner, SpecDecodeRunner):
-            lengths = self.runner.stats.acceptance_lengths.pop(request_id, [])
-            tracked.metrics.spec_acceptance_lengths = lengths
+            stats = self.runner.stats
+            tracked.metrics.spec_acceptance_lengths = stats.acceptance_lengths.pop(request_id, [])
+            step_s, plain_s = stats.request_seconds.pop(request_id, (0.0, 0.0))
+            tracked.metrics.spec_step_seconds = step_s
+            tracked.metrics.spec_plain_step_seconds = plain_s
+        if self.spec_controller is not None:
+            self.spec_controller.forget(request_id)
         self._finished[request_id] = RequestOutput(
             request_id=request_id,
             prompt=tracked.prompt,
@@ -408,16 +420,14 @@ class LLMEngine:
             stats.update(layers[index].last_routing)
 
 
-def draft_budget_for(spec: SpeculativeConfig) -> DraftBudget | None:
-    """The per-step draft budget: decided by the speculation policy (raycake.policies), not here.
-
-    NOTE: "adaptive" needs the runner's acceptance and step-time feedback, which is not wired
-    yet; until it is, it runs as the fixed policy at its maximum, ``num_draft_tokens``.
-    """
-    if spec.method is None or spec.policy == "off":
+def draft_budget_for(
+    spec: SpeculativeConfig | None, controller: SpeculationController | None
+) -> DraftBudget | None:
+    """The scheduler's per-step draft budget: the speculation policy's decision (raycake.policies),
+    or None when nothing drafts."""
+    if spec is None or spec.method is None or spec.policy == "off" or controller is None:
         return None
-    fixed = dataclasses.replace(spec, policy="fixed")
-    return SpeculationController.from_config(fixed).budget_for
+    return controller.budget_for
 
 
 def moe_load_since(

@@ -13,8 +13,12 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)
-    # Speculative decoding: tokens emitted by each verify step (accepted drafts + 1).
+    # Speculative decoding: tokens emitted by each verify step (accepted drafts + 1), the
+    # seconds those steps took (drafting and verifying), and what the same steps would have
+    # taken without drafts, by the engine's fitted step-cost model.
     spec_acceptance_lengths: list[int] = field(default_factory=list)
+    spec_step_seconds: float = 0.0
+    spec_plain_step_seconds: float = 0.0
 
     @property
     def ttft(self) -> float | None:
@@ -32,6 +36,21 @@ class RequestMetrics:
     def mean_tbt(self) -> float | None:
         gaps = self.tbt
         return sum(gaps) / len(gaps) if gaps else None
+
+    @property
+    def spec_mean_acceptance_length(self) -> float | None:
+        """Tokens per target pass over this request's verify steps; None if it never drafted."""
+        lengths = self.spec_acceptance_lengths
+        return sum(lengths) / len(lengths) if lengths else None
+
+    @property
+    def spec_speedup(self) -> float | None:
+        """Estimated decoding speedup over its verify steps: tokens per second with drafts over
+        one token per estimated plain step (None if it never drafted)."""
+        mean = self.spec_mean_acceptance_length
+        if mean is None or self.spec_step_seconds <= 0:
+            return None
+        return mean * self.spec_plain_step_seconds / self.spec_step_seconds
 
 
 @dataclass

@@ -167,9 +167,18 @@ class SpecDecodeStats:
     num_emitted_tokens: int = 0  # accepted + bonus tokens of verify steps
     draft_seconds: float = 0.0  # head forwards: drafting trees and keeping the head's KV current
     target_seconds: float = 0.0  # target forward passes and verification
-    # Per request in flight: tokens emitted by each of its verify steps (accepted + 1); the
-    # engine moves a finished request's list into its RequestMetrics.
+    # Steps with at least one tree: their seconds, the tokens they emitted (every request of
+    # the step), the tokens plain decoding would have emitted (one per sampling request), and
+    # the seconds plain steps would have taken by the fitted cost model (speedup estimate).
+    verify_step_seconds: float = 0.0
+    verify_step_tokens: int = 0
+    plain_step_tokens: int = 0
+    plain_step_seconds: float = 0.0
+    # Per request in flight: tokens emitted by each of its verify steps (accepted + 1), and
+    # [step seconds, estimated plain step seconds] summed over them; the engine moves a
+    # finished request's entries into its RequestMetrics.
     acceptance_lengths: dict[str, list[int]] = field(default_factory=dict)
+    request_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -185,3 +194,32 @@ class SpecDecodeStats:
     def draft_time_share(self) -> float:
         total = self.draft_seconds + self.target_seconds
         return self.draft_seconds / total if total else 0.0
+
+    @property
+    def estimated_speedup(self) -> float:
+        """Tokens per second of the verify steps over plain decoding's for the same requests,
+        plain steps timed by the fitted cost model (0.0 before any verify step)."""
+        if not self.verify_step_seconds or not self.plain_step_tokens:
+            return 0.0
+        spec_rate = self.verify_step_tokens / self.verify_step_seconds
+        return spec_rate / (self.plain_step_tokens / self.plain_step_seconds)
+
+    def since(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
+        """The totals between two reads (per-request entries are not windowed: left empty)."""
+        return SpecDecodeStats(
+            **{name: getattr(self, name) - getattr(earlier, name) for name in WINDOWED_FIELDS}
+        )
+
+
+WINDOWED_FIELDS = (
+    "num_verify_steps",
+    "num_draft_tokens",
+    "num_accepted_tokens",
+    "num_emitted_tokens",
+    "draft_seconds",
+    "target_seconds",
+    "verify_step_seconds",
+    "verify_step_tokens",
+    "plain_step_tokens",
+    "plain_step_seconds",
+)

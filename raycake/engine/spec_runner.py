@@ -1,18 +1,22 @@
 """The model runner with EAGLE speculation: draft a tree, verify it in the target's step, keep
 the accepted tokens' KV, and keep the draft head's own KV current.
 
-Per step: (1) for each verify request, the head grows an EAGLE-2 tree from the request's root
-feature (one head forward per depth, batched over requests); (2) one target forward runs every
-request's span, a verify request's span being its last token plus the tree under a tree mask;
-(3) verification accepts a path, whose KV (and features) are copied down to the positions they
-now hold; (4) the head consumes every newly committed token, which also yields the root feature
-of the next step's tree (an entry whose slot is not allocated yet waits for the next step).
+Per step: (1) the head catches up on every token committed since it last ran for the requests
+that draft this step, which yields each one's root feature; (2) it grows an EAGLE-2 tree from
+that root (one head forward per depth, batched over requests); (3) one target forward runs
+every request's span, a verify request's span being its last token plus the tree under a tree
+mask; (4) verification accepts a path, whose KV (and features) are copied down to the
+positions they now hold. The head runs only for requests that draft: when the speculation
+policy gives a request no budget (e.g. in a large batch), it costs nothing, and the head
+catches up in one forward when drafting resumes.
 
 The head's KV lives beside the target's, in the same slots (a request's block table serves
-both), so prefix-cache hits cover it too. Its entry at position p pairs the target's feature at
-p - 1 with the token at p; position 0 has none and is masked out. Target features are kept per
-slot for the same reason. Tree nodes expanded during drafting write their head KV into scratch
-blocks after the pool, one region per request of the step.
+both). Its entry at position p pairs the target's feature at p - 1 with the token at p;
+position 0 has none and is masked out. Target features are kept per slot. A new request's head
+entries are always computed from position 1, since a prefix-cache hit may bring blocks whose
+head entries were never written (their request never drafted). Tree nodes expanded during
+drafting write their head KV into scratch blocks after the pool, one region per request of the
+step.
 
 Legend: R verify requests, M expanded nodes of one depth, E hidden, V vocabulary, P block size.
 """
@@ -45,6 +49,7 @@ from raycake.engine.spec_decode import (
 from raycake.model.attention import AttentionMetadata, QuerySpan
 from raycake.model.eagle import EagleDraftHead
 from raycake.model.llama import LlamaForCausalLM
+from raycake.policies.speculation_controller import SpeculationController
 
 
 @dataclass
@@ -73,10 +78,13 @@ class SpecDecodeRunner(ModelRunner):
         num_blocks: int,
         max_num_seqs: int,
         seed: int = 0,
+        controller: SpeculationController | None = None,
     ) -> None:
         super().__init__(model, block_size, num_blocks, seed)
         self.head = head
         self.spec = spec
+        # The speculation policy's state: fed each step's acceptance and measured costs.
+        self.controller = controller
         config = model.config
         expanded = (spec.max_depth - 1) * spec.tree_top_k  # head forwards of one tree, at most
         self.scratch_blocks = max(1, -(-expanded // block_size))
@@ -98,9 +106,7 @@ class SpecDecodeRunner(ModelRunner):
         for rid in out.finished_request_ids | out.preempted_request_ids:
             self.head_states.pop(rid, None)
         for new in out.new_requests:
-            # Entries before num_computed came with the cached blocks; the one at
-            # num_computed pairs a cached feature with an uncomputed token, so it is written.
-            self.head_states[new.request_id] = HeadState(max(1, new.num_computed_tokens), None)
+            self.head_states[new.request_id] = HeadState(1, None)
 
     def _chunk_inputs(self, rid: str, state: RunnerRequestState, n: int) -> ChunkInputs:
         tree = self.trees.get(rid)
@@ -120,7 +126,8 @@ class SpecDecodeRunner(ModelRunner):
         if out.is_empty:
             return RunnerOutput(sampled_token_ids={})
         started = time.perf_counter()
-        self._extend_head(list(out.num_scheduled_tokens))  # entries left waiting for a slot
+        drafting = list(out.num_draft_tokens)
+        self._extend_head(drafting)
         self.trees = self._draft(out.num_draft_tokens)
         for rid, tree in self.trees.items():
             if tree.num_nodes > out.num_draft_tokens[rid]:
@@ -138,10 +145,34 @@ class SpecDecodeRunner(ModelRunner):
                 self.requests[rid].num_computed_tokens += n
         sampled.update(self._verify(inputs.span_request_ids, inputs.meta.spans, hidden))
         verified = time.perf_counter()
-        self._extend_head(list(out.num_scheduled_tokens))
-        self.stats.draft_seconds += drafted - started + time.perf_counter() - verified
+        self.stats.draft_seconds += drafted - started
         self.stats.target_seconds += verified - drafted
+        if self.controller is not None:
+            self.controller.observe_target_step(out.total_num_scheduled_tokens, verified - drafted)
+            if self.trees:
+                # One catch-up forward plus one per depth below the deepest tree's.
+                forwards = max(max(t.depths, default=1) for t in self.trees.values())
+                self.controller.observe_draft_step(len(self.trees), (drafted - started) / forwards)
+                self._account_speedup(out, sampled, verified - started)
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def _account_speedup(
+        self, out: SchedulerOutput, sampled: dict[str, list[int]], seconds: float
+    ) -> None:
+        """Add a verify step to the speedup estimate: what it emitted in ``seconds`` against one
+        token per sampling request in a plain step over the same tokens minus the drafts."""
+        assert self.controller is not None
+        plain_tokens = out.total_num_scheduled_tokens - sum(out.num_draft_tokens.values())
+        plain_seconds = self.controller.cost().target_seconds(plain_tokens)
+        stats = self.stats
+        stats.verify_step_seconds += seconds
+        stats.verify_step_tokens += sum(len(t) for t in sampled.values())
+        stats.plain_step_tokens += len(sampled)
+        stats.plain_step_seconds += plain_seconds
+        for rid in self.trees:
+            totals = stats.request_seconds.setdefault(rid, [0.0, 0.0])
+            totals[0] += seconds
+            totals[1] += plain_seconds
 
     # ---- verification ----------------------------------------------------------------------
 
@@ -180,6 +211,11 @@ class SpecDecodeRunner(ModelRunner):
             self.stats.num_accepted_tokens += len(verdict.accepted_nodes)
             self.stats.num_emitted_tokens += len(emitted)
             self.stats.acceptance_lengths.setdefault(rid, []).append(len(emitted))
+            if self.controller is not None:
+                # The acceptance model is per depth: a tree as deep as a chain of that length.
+                self.controller.observe_verify(
+                    rid, max(tree.depths, default=0), len(verdict.accepted_nodes)
+                )
         if src:
             s = torch.tensor(src, dtype=torch.long, device=self.device)
             d = torch.tensor(dst, dtype=torch.long, device=self.device)
@@ -239,13 +275,24 @@ class SpecDecodeRunner(ModelRunner):
         for rid, row in roots:
             self.head_states[rid].root_feature = out[row]
 
+    def tree_shape(self, budget: int) -> tuple[int, int]:
+        """(depth, width) of the tree grown for a budget of ``budget`` nodes: as deep as allowed,
+        then as wide as the budget fills (EAGLE-2's top-k frontier, at most ``tree_top_k``).
+
+        NOTE: a budget up to ``max_depth`` grows a chain, one head row per depth: when the head's
+        top choice is usually right, width costs head rows and verify tokens for little gain.
+        """
+        depth = min(self.spec.max_depth, budget)
+        return depth, min(self.spec.tree_top_k, -(-budget // depth))
+
     def _draft(self, budgets: dict[str, int]) -> dict[str, DraftTree]:
-        """Grow an EAGLE-2 tree per request: expand the top_k best nodes of each depth, then
-        keep the ``budget`` best candidates overall."""
+        """Grow an EAGLE-2 tree per request: expand the ``width`` best nodes of each depth
+        (``tree_top_k`` children each), then keep the ``budget`` best candidates overall."""
         if not budgets:
             return {}
         rids = list(budgets)
         k = self.spec.tree_top_k
+        shapes = [self.tree_shape(budgets[r]) for r in rids]
         hidden = self.model.config.hidden_size
         roots = torch.stack(
             [
@@ -261,24 +308,25 @@ class SpecDecodeRunner(ModelRunner):
             [_Candidate(int(t), -1, 1, float(v)) for t, v in zip(idx[r], vals[r], strict=True)]
             for r in range(len(rids))
         ]
-        frontier = [list(range(k)) for _ in rids]
-        depth_limit = [min(self.spec.max_depth, budgets[r]) for r in rids]
-        for depth in range(1, max(depth_limit)):
-            active = [r for r in range(len(rids)) if depth < depth_limit[r]]
+        frontier = [list(range(width)) for _, width in shapes]
+        for depth in range(1, max(d for d, _ in shapes)):
+            active = [r for r in range(len(rids)) if depth < shapes[r][0]]
             out = self._expand(rids, roots, cands, frontier, active, depth)  # [M, E]
             logp = self.model.compute_logits(out).log_softmax(-1)  # [M, V]
             vals, idx = logp.topk(k, dim=-1)  # [M, k]
+            vals_l, idx_l = vals.tolist(), idx.tolist()
             row = 0
             for r in active:
                 children = []
                 for c in frontier[r]:
                     parent = cands[r][c]
                     parent.feature = out[row]
-                    for t, v in zip(idx[row].tolist(), vals[row].tolist(), strict=True):
+                    for t, v in zip(idx_l[row], vals_l[row], strict=True):
                         children.append(len(cands[r]))
                         cands[r].append(_Candidate(t, c, depth + 1, parent.score + v))
                     row += 1
-                frontier[r] = sorted(children, key=lambda i, r=r: -cands[r][i].score)[:k]
+                width = shapes[r][1]
+                frontier[r] = sorted(children, key=lambda i, r=r: -cands[r][i].score)[:width]
         return {
             rid: select_tree(
                 [c.token_id for c in cands[r]],

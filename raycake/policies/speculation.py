@@ -395,9 +395,12 @@ def make_speculation_policy(name: str, **kwargs: Any) -> SpeculationPolicy:
 
 
 def speculation_policy_from_config(config: SpeculativeConfig) -> SpeculationPolicy:
-    """``config.policy`` with ``num_draft_tokens`` as the fixed budget or the adaptive maximum."""
+    """``config.policy`` with ``num_draft_tokens`` as the fixed budget, or (up to ``max_depth``)
+    as the adaptive maximum."""
     if config.method is None or config.policy == "off":
         return NoSpeculation()
     if config.policy == "fixed":
         return FixedSpeculation(config.num_draft_tokens)
-    return AdaptiveSpeculation(max_draft_tokens=config.num_draft_tokens)
+    # The goodput model values depth, not width: nodes beyond the tree's depth widen it, which
+    # the model would count as cost only, so adaptive budgets stop at the depth.
+    return AdaptiveSpeculation(max_draft_tokens=min(config.num_draft_tokens, config.max_depth))

@@ -204,8 +204,15 @@ def test_policy_from_config():
     assert speculation_policy_from_config(spec(policy="off")).name == "off"
     assert speculation_policy_from_config(spec(method=None, policy="fixed")).name == "off"
     assert speculation_policy_from_config(spec(num_draft_tokens=6)).num_draft_tokens == 6
-    adaptive = speculation_policy_from_config(spec(policy="adaptive", num_draft_tokens=6))
-    assert isinstance(adaptive, AdaptiveSpeculation) and adaptive.max_draft_tokens == 6
+    # Adaptive budgets stop at the tree depth (the goodput model values depth, not width).
+    adaptive = speculation_policy_from_config(
+        spec(policy="adaptive", num_draft_tokens=6, max_depth=5)
+    )
+    assert isinstance(adaptive, AdaptiveSpeculation) and adaptive.max_draft_tokens == 5
+    adaptive = speculation_policy_from_config(
+        spec(policy="adaptive", num_draft_tokens=3, max_depth=5)
+    )
+    assert adaptive.max_draft_tokens == 3
 
 
 def test_imports_without_torch_or_ray():
