@@ -28,6 +28,7 @@ from raycake.config import TelemetryConfig
 from raycake.engine.llm_engine import moe_load_since
 
 if TYPE_CHECKING:
+    from raycake.engine.spec_decode import SpecDecodeStats
     from raycake.model.moe import MoEStats
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -119,20 +120,23 @@ class InstanceMetrics:
     """Per-instance gauges, labelled with the instance id (a no-op outside a Ray worker).
 
     ``record(engine)`` runs after every engine step. Queue length and KV usage are the current
-    values. The MoE gauges (expert load per layer, drop rate, imbalance) show a recent window
-    rather than one noisy step or the whole life of the instance: each publication is the load
-    added since the previous one (``moe_load_since`` over the engine's cumulative counts),
-    published at most every ``moe_window_s`` seconds (the first step at once). An idle
-    instance keeps its last window's values.
+    values. The MoE gauges (expert load per layer, drop rate, imbalance) and the speculation
+    gauges (acceptance length, draft time share, estimated speedup) show a recent window rather
+    than one noisy step or the whole life of the instance: each publication is what was added
+    since the previous one (over the engine's cumulative counts), published at most every
+    ``window_s`` seconds (the first step at once). An idle instance keeps its last window's
+    values. The speculation policy's choice (``raycake_spec_policy``, one series per field of
+    ``SpeculationController.metrics``) is the last step's.
     """
 
-    def __init__(self, instance_id: str, moe_window_s: float = 5.0) -> None:
+    def __init__(self, instance_id: str, window_s: float = 5.0) -> None:
         import ray
 
         self._tags = {"instance": instance_id}
-        self.moe_window_s = moe_window_s
+        self.window_s = window_s
         self._moe_baseline: dict[int, MoEStats] = {}
-        self._moe_published_at: float | None = None
+        self._spec_baseline: SpecDecodeStats | None = None
+        self._published_at: float | None = None
         self._enabled = ray.is_initialized()
         if not self._enabled:
             return
@@ -160,6 +164,33 @@ class InstanceMetrics:
             "last window (1 is balanced)",
             tag_keys=("instance", "layer"),
         )
+        self._acceptance_length = Gauge(
+            "raycake_spec_acceptance_length",
+            "Tokens emitted per target pass of speculating requests, last window",
+            tag_keys=("instance",),
+        )
+        self._acceptance_rate = Gauge(
+            "raycake_spec_acceptance_rate",
+            "Accepted draft tokens over verified draft tokens, last window",
+            tag_keys=("instance",),
+        )
+        self._draft_share = Gauge(
+            "raycake_spec_draft_time_share",
+            "Share of step time spent in the draft head, last window",
+            tag_keys=("instance",),
+        )
+        self._speedup = Gauge(
+            "raycake_spec_estimated_speedup",
+            "Tokens/s of speculating steps over plain decoding's (plain steps timed by the "
+            "fitted cost model), last window",
+            tag_keys=("instance",),
+        )
+        self._policy = Gauge(
+            "raycake_spec_policy",
+            "The speculation policy's choice in the last step (batch size, requests "
+            "speculating, draft tokens, predicted speedup, step counts)",
+            tag_keys=("instance", "field"),
+        )
 
     def record(self, engine: Any) -> None:
         if not self._enabled:
@@ -167,10 +198,17 @@ class InstanceMetrics:
         stats = engine.stats()
         self._queue.set(stats.num_running + stats.num_waiting, tags=self._tags)
         self._kv_usage.set(stats.kv_cache_usage, tags=self._tags)
+        controller = getattr(engine, "spec_controller", None)
+        if controller is not None:
+            for name, value in controller.metrics().items():
+                self._policy.set(value, tags={**self._tags, "field": name})
         now = time.monotonic()
-        if self._moe_published_at is None or now - self._moe_published_at >= self.moe_window_s:
-            self._moe_published_at = now
+        if self._published_at is None or now - self._published_at >= self.window_s:
+            self._published_at = now
             self._record_moe(engine.moe_stats())
+            spec = engine.spec_stats()
+            if spec is not None:
+                self._record_spec(spec)
 
     def _record_moe(self, current: dict[int, MoEStats]) -> None:
         window = moe_load_since(current, self._moe_baseline)
@@ -181,3 +219,13 @@ class InstanceMetrics:
                 self._expert_tokens.set(tokens, tags={**tags, "expert": str(expert)})
             self._drop_rate.set(load.drop_rate, tags=tags)
             self._imbalance.set(load.imbalance, tags=tags)
+
+    def _record_spec(self, current: SpecDecodeStats) -> None:
+        window = current if self._spec_baseline is None else current.since(self._spec_baseline)
+        self._spec_baseline = current
+        if window.draft_seconds + window.target_seconds > 0:
+            self._draft_share.set(window.draft_time_share, tags=self._tags)
+        if window.num_verify_steps:  # nothing was verified: keep the last window's values
+            self._acceptance_length.set(window.mean_acceptance_length, tags=self._tags)
+            self._acceptance_rate.set(window.acceptance_rate, tags=self._tags)
+            self._speedup.set(window.estimated_speedup, tags=self._tags)

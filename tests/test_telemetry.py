@@ -1,4 +1,4 @@
-"""The MoE load gauges reach Ray's Prometheus export with the engine's numbers."""
+"""The MoE load and speculation gauges reach Ray's Prometheus export with the engine's numbers."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class MoEProbe:
         moe = MoEConfig(router="switch", capacity_factor=0.5)
         self.engine = LLMEngine(EngineConfig(model=model_dir, moe=moe))
         # A window longer than the test: the gauges keep the first step's load.
-        self.metrics = InstanceMetrics(INSTANCE, moe_window_s=3600.0)
+        self.metrics = InstanceMetrics(INSTANCE, window_s=3600.0)
 
     def run(self, prompts: list[list[int]]) -> dict[int, MoEStats]:
         """Serve the prompts; return the load of the first step (what the gauges show)."""
@@ -86,3 +86,71 @@ def test_moe_gauges_export_the_engines_expert_load(ray_session, tmp_path):  # no
             assert samples["raycake_moe_expert_tokens"][(str(layer), str(expert))] == tokens
         assert samples["raycake_moe_drop_rate"][(str(layer),)] == pytest.approx(stats.drop_rate)
         assert samples["raycake_moe_imbalance"][(str(layer),)] == pytest.approx(stats.imbalance)
+
+
+SPEC_INSTANCE = "spec-gauge-probe"
+
+
+class SpecProbe:
+    """The embedded model with its EAGLE head, publishing every step (window 0)."""
+
+    def __init__(self) -> None:
+        from raycake.assets import default_eagle_head_dir
+        from raycake.config import SpeculativeConfig
+
+        spec = SpeculativeConfig(draft_model=str(default_eagle_head_dir()), num_draft_tokens=4)
+        self.engine = LLMEngine(EngineConfig(speculative=spec))
+        self.metrics = InstanceMetrics(SPEC_INSTANCE, window_s=0.0)
+
+    def run(self, prompt: str) -> dict[str, float]:
+        """Serve the prompt; return what the gauges must show: the last window that verified
+        drafts, and the policy's last choice."""
+        self.engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=24))
+        before = self.engine.spec_stats()
+        last: dict[str, float] = {}
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+            self.metrics.record(self.engine)
+            now = self.engine.spec_stats()
+            window = now.since(before)
+            before = now
+            if window.num_verify_steps:
+                last = {
+                    "raycake_spec_acceptance_length": window.mean_acceptance_length,
+                    "raycake_spec_acceptance_rate": window.acceptance_rate,
+                    "raycake_spec_estimated_speedup": window.estimated_speedup,
+                    "raycake_spec_draft_time_share": window.draft_time_share,
+                }
+        return {**last, **self.engine.spec_controller.metrics()}
+
+
+def test_speculation_gauges_export_the_engines_numbers(ray_session):  # noqa: F811
+    port = os.environ.get(METRICS_PORT_ENV)
+    if port is None:
+        pytest.skip("Ray was started by another fixture, without a metrics export port")
+    ray = ray_session
+    probe = ray.remote(SpecProbe).remote()
+    try:
+        want = ray.get(probe.run.remote("def parse(path):\n    with open(path) as f:\n"))
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+            got = {}
+            for line in text.splitlines():
+                match = _SAMPLE.match(line)
+                if match is None or not match.group(1).startswith("ray_raycake_spec_"):
+                    continue
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+                if labels.get("instance") == SPEC_INSTANCE:
+                    key = labels.get("field", match.group(1).removeprefix("ray_"))
+                    got[key] = float(match.group(3))
+            if set(got) >= set(want) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    finally:
+        ray.kill(probe)
+    assert want["raycake_spec_acceptance_length"] > 1.0  # the trained head gets drafts accepted
+    assert want["spec_policy_speculating_steps"] > 0
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
