@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name != "out_dir":
             te.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])
     te.set_defaults(func=_train_eagle)
+
+    from raycake.cluster.simulate_cli import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 
