@@ -7,8 +7,13 @@ hold (``weight_bytes``) and, for MoE models, the expert load of each MoE layer o
 
 Prompts are ``input_len`` tokens each: uniformly random token ids ("random"), or windows of
 held-out standard-library source the embedded models never trained on ("corpus"). Both are
-drawn from ``seed``; requests sample at temperature 1 with per-request seeds and ignore EOS,
-so a run is repeatable and always produces ``output_len`` tokens per request.
+drawn from ``seed``; requests sample at ``temperature`` (0: greedy) with per-request seeds and
+ignore EOS, so a run is repeatable and always produces ``output_len`` tokens per request.
+
+With ``speculative`` set, the report adds what speculation did over the workload (mean
+acceptance length, draft time share, the policy's choices, estimated speedup, per-request
+spread); ``compare_plain`` also runs the same workload without speculation, in the same
+process, and reports the measured speedup.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from typing import Any
 
 from torch import nn
 
-from raycake.config import EngineConfig, MoEConfig, SchedulerConfig
+from raycake.config import EngineConfig, MoEConfig, SchedulerConfig, SpeculativeConfig
 from raycake.engine.llm_engine import moe_load_since
 from raycake.engine.request_output import RequestOutput
 from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.spec_decode import SpecDecodeStats
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import Tokenizer
 
@@ -48,12 +54,20 @@ class BenchConfig:
     max_num_batched_tokens: int = 2048
     moe: MoEConfig = field(default_factory=MoEConfig)
     quantization: str | None = None  # "int8": LLM.int8() linear layers
+    temperature: float = 1.0  # 0: greedy
+    speculative: SpeculativeConfig | None = None
+    compare_plain: bool = False  # also run without speculation; report the measured speedup
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < math.inf:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {t!r}")
+        if self.compare_plain and self.speculative is None:
+            raise ValueError("compare_plain: needs speculative (there is nothing to compare)")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {self.dataset!r}")
         # Build the engine config once now, so bad engine fields fail before a model loads.
@@ -71,7 +85,28 @@ class BenchConfig:
             ),
             moe=self.moe,
             quantization=self.quantization,
+            speculative=self.speculative,
         )
+
+
+@dataclass(frozen=True)
+class SpecBenchStats:
+    """What speculative decoding did over the workload (warm-up excluded)."""
+
+    policy: str  # the speculation policy's name
+    num_draft_tokens: int  # the configured budget (fixed) or maximum (adaptive)
+    mean_acceptance_length: float  # tokens emitted per target pass of a speculating request
+    acceptance_rate: float  # accepted draft tokens over verified ones
+    draft_time_share: float  # draft-head seconds over all step seconds
+    speculating_step_share: float  # engine steps in which the policy gave any drafts
+    estimated_speedup: float  # verify steps' tokens/s over plain steps' by the fitted cost model
+    # Spread of the requests' own mean acceptance lengths (requests that drafted).
+    request_acceptance_p10: float | None
+    request_acceptance_p50: float | None
+    request_acceptance_p90: float | None
+    # With compare_plain: the plain run's output tokens/s, and this run's over it.
+    plain_output_tokens_per_s: float | None = None
+    measured_speedup: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +157,7 @@ class BenchReport:
     weight_bytes: int  # see ``weight_bytes``
     router: str | None  # the MoE layers' routing policy; None for a dense model
     moe_layers: tuple[MoELayerLoad, ...] = ()  # empty for a dense model
+    spec: SpecBenchStats | None = None  # None without speculation
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,11 +203,38 @@ class BenchReport:
                     f"{load.layer:>5}  {load.drop_rate:>9.2%}  {load.imbalance:>9.2f}  "
                     f"{load.kept_imbalance:>14.2f}  {tokens}"
                 )
+        if self.spec is not None:
+            sp, spec_config = self.spec, c.speculative
+            assert spec_config is not None
+            lines += [
+                "",
+                f"speculative decoding: {spec_config.method}, policy {sp.policy} "
+                f"(up to {sp.num_draft_tokens} draft tokens, depth {spec_config.max_depth}, "
+                f"top-k {spec_config.tree_top_k})",
+                f"acceptance      {sp.mean_acceptance_length:.2f} tokens per target pass "
+                f"({sp.acceptance_rate:.1%} of draft tokens accepted); per request p10 "
+                f"{_num(sp.request_acceptance_p10)}  p50 {_num(sp.request_acceptance_p50)}  "
+                f"p90 {_num(sp.request_acceptance_p90)}",
+                f"draft time      {sp.draft_time_share:.1%} of step time; the policy drafted in "
+                f"{sp.speculating_step_share:.1%} of steps",
+                f"speedup         {sp.estimated_speedup:.2f}x estimated (plain steps by the "
+                "fitted cost model)"
+                + (
+                    ""
+                    if sp.measured_speedup is None
+                    else f"; {sp.measured_speedup:.2f}x measured against a plain run "
+                    f"({sp.plain_output_tokens_per_s:.1f} output tokens/s)"
+                ),
+            ]
         return "\n".join(lines)
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -230,11 +293,23 @@ def corpus_prompts(
 
 
 def run_bench(config: BenchConfig, progress: bool = False) -> BenchReport:
-    """Build the engine, put the workload through it once, and report."""
+    """Build the engine, put the workload through it once, and report (with ``compare_plain``,
+    then the same workload on an engine without speculation)."""
     from raycake.llm import LLM
 
     with LLM(config=config.engine_config) as llm:  # closes expert shards, if any
-        return _run(llm, config, progress)
+        report = _run(llm, config, progress)
+    if not config.compare_plain or report.spec is None:
+        return report
+    plain_config = dataclasses.replace(config, speculative=None, compare_plain=False)
+    with LLM(config=plain_config.engine_config) as llm:
+        plain = _run(llm, plain_config, progress)
+    spec = dataclasses.replace(
+        report.spec,
+        plain_output_tokens_per_s=plain.output_tokens_per_s,
+        measured_speedup=report.output_tokens_per_s / plain.output_tokens_per_s,
+    )
+    return dataclasses.replace(report, spec=spec)
 
 
 def _run(llm: Any, config: BenchConfig, progress: bool) -> BenchReport:
@@ -254,18 +329,36 @@ def _run(llm: Any, config: BenchConfig, progress: bool) -> BenchReport:
     else:
         prompts = corpus_prompts(rng, engine.tokenizer, config.num_prompts, config.input_len)
     params = [
-        SamplingParams(seed=config.seed + i, max_tokens=config.output_len, ignore_eos=True)
+        SamplingParams(
+            temperature=config.temperature,
+            seed=config.seed + i,
+            max_tokens=config.output_len,
+            ignore_eos=True,
+        )
         for i in range(config.num_prompts)
     ]
     # Warm-up: one short request, so one-time costs stay out of the timings. Too short to
     # fill a KV block, it leaves nothing in the prefix cache for the workload to reuse.
     llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
     baseline = engine.moe_stats()
+    spec_before = engine.spec_stats()
+    controller = engine.spec_controller
+    steps_before = (0, 0) if controller is None else _policy_steps(controller)
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - started
     moe_load = moe_load_since(engine.moe_stats(), baseline)
-    return _report(
+    spec = None
+    if spec_before is not None and config.speculative is not None:
+        steps_after = _policy_steps(controller)
+        spec = _spec_stats(
+            config.speculative,
+            controller.policy.name,
+            engine.spec_stats().since(spec_before),
+            (steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]),
+            outputs,
+        )
+    report = _report(
         config,
         str(engine.model_dir),
         outputs,
@@ -273,6 +366,38 @@ def _run(llm: Any, config: BenchConfig, progress: bool) -> BenchReport:
         weight_bytes(engine.model),
         router_for(engine.model_config, config.moe).name if moe_load else None,
         moe_load,
+    )
+    return dataclasses.replace(report, spec=spec)
+
+
+def _policy_steps(controller: Any) -> tuple[int, int]:
+    return controller.num_steps, controller.num_speculating_steps
+
+
+def _spec_stats(
+    spec: SpeculativeConfig,
+    policy: str,
+    window: SpecDecodeStats,
+    steps: tuple[int, int],
+    outputs: list[RequestOutput],
+) -> SpecBenchStats:
+    per_request = [
+        o.metrics.spec_mean_acceptance_length
+        for o in outputs
+        if o.metrics.spec_mean_acceptance_length is not None
+    ]
+    num_steps, speculating = steps
+    return SpecBenchStats(
+        policy=policy,
+        num_draft_tokens=spec.num_draft_tokens,
+        mean_acceptance_length=window.mean_acceptance_length,
+        acceptance_rate=window.acceptance_rate,
+        draft_time_share=window.draft_time_share,
+        speculating_step_share=speculating / num_steps if num_steps else 0.0,
+        estimated_speedup=window.estimated_speedup,
+        request_acceptance_p10=percentile(per_request, 10),
+        request_acceptance_p50=percentile(per_request, 50),
+        request_acceptance_p90=percentile(per_request, 90),
     )
 
 

@@ -10,8 +10,11 @@ from dataclasses import fields
 from raycake.config import (
     MOE_ROUTERS,
     QUANTIZATIONS,
+    SPECULATION_POLICIES,
+    SPECULATIVE_METHODS,
     SUPPORTED_DTYPES,
     EagleTrainConfig,
+    SpeculativeConfig,
     TrainConfig,
 )
 
@@ -71,6 +74,18 @@ def _bench(args: argparse.Namespace) -> int:
             num_expert_shards=args.num_expert_shards,
         ),
         quantization=args.quantization,
+        temperature=args.temperature,
+        speculative=None
+        if args.speculative is None
+        else SpeculativeConfig(
+            method=args.speculative,
+            draft_model=args.draft_model,
+            num_draft_tokens=args.num_draft_tokens,
+            tree_top_k=args.tree_top_k,
+            max_depth=args.max_depth,
+            policy=args.spec_policy,
+        ),
+        compare_plain=args.compare_plain,
     )
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.is_dir():  # fail before the run, not after
@@ -268,6 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--num-expert-shards", type=int, default=0, help="run experts in N Ray actors"
+    )
+    bench.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)"
+    )
+    spec_defaults = SpeculativeConfig(draft_model="default")
+    bench.add_argument(
+        "--speculative", choices=SPECULATIVE_METHODS, help="speculative decoding (default: off)"
+    )
+    bench.add_argument(
+        "--draft-model",
+        default="default",
+        help="EAGLE head folder ('default': the embedded model's head)",
+    )
+    bench.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=spec_defaults.num_draft_tokens,
+        help="draft tree nodes per request per step (the adaptive policy's maximum)",
+    )
+    bench.add_argument("--tree-top-k", type=int, default=spec_defaults.tree_top_k)
+    bench.add_argument("--max-depth", type=int, default=spec_defaults.max_depth)
+    bench.add_argument("--spec-policy", choices=SPECULATION_POLICIES, default=spec_defaults.policy)
+    bench.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also run the workload without speculation and report the measured speedup",
     )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--output", help="also write the JSON report to this file")

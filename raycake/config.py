@@ -409,7 +409,8 @@ class SpeculativeConfig:
 
     # "eagle": an EAGLE-1 head (raycake.model.eagle); None: speculation off.
     method: str | None = "eagle"
-    draft_model: str = ""  # the head's folder (config.json + model.safetensors)
+    # The head's folder (config.json + model.safetensors); "default": the embedded model's head.
+    draft_model: str = ""
     # Draft tree node budget per request per step (the most draft tokens verified at once).
     num_draft_tokens: int = 8
     tree_top_k: int = 4  # children per expanded node, and nodes expanded per depth (EAGLE-2)

@@ -177,6 +177,9 @@ def test_cli_writes_the_json_report(mixtral, tmp_path, capsys):
         (["--capacity-factor", "0"], "moe.capacity_factor"),
         (["--max-num-seqs", "4096"], "scheduler.max_num_batched_tokens"),
         (["--output", "/nonexistent-dir/report.json"], "--output"),
+        (["--temperature", "-1"], "temperature: expected a finite number >= 0"),
+        (["--compare-plain"], "compare_plain: needs speculative"),
+        (["--speculative", "eagle", "--max-depth", "0"], "speculative.max_depth"),
     ],
 )
 def test_cli_rejects_bad_flags_before_loading_a_model(flags, message, capsys):
@@ -190,3 +193,29 @@ def test_cli_rejects_a_workload_longer_than_the_model(mixtral, capsys):
     argv = ["bench", "--model", mixtral[0], "--input-len", "250", "--output-len", "10"]
     assert main(argv) == 2
     assert "max_model_len 256" in capsys.readouterr().err
+
+
+def test_speculative_report_on_the_embedded_model(capsys):
+    """Greedy EAGLE on the embedded model and its head: the speculation section's numbers are
+    consistent with each other, and the plain run is the same workload."""
+    argv = ["bench", "--dataset", "corpus", "--num-prompts", "3", "--input-len", "32"]
+    argv += ["--output-len", "24", "--max-num-seqs", "1", "--temperature", "0"]
+    argv += ["--speculative", "eagle", "--num-draft-tokens", "3", "--max-depth", "3"]
+    assert main([*argv, "--compare-plain", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    spec = report["spec"]
+    assert report["output_tokens"] == 72
+    assert spec["policy"] == "fixed" and spec["num_draft_tokens"] == 3
+    # Up to 3 drafts and the bonus token per target pass; the trained head gets some accepted.
+    assert 1.5 < spec["mean_acceptance_length"] <= 4.0
+    # accepted = (length - 1) x passes, drafted <= 3 x passes (fewer near max_tokens).
+    assert spec["acceptance_rate"] >= (spec["mean_acceptance_length"] - 1) / 3 - 1e-9
+    assert spec["request_acceptance_p10"] <= spec["request_acceptance_p50"]
+    assert spec["request_acceptance_p50"] <= spec["request_acceptance_p90"]
+    assert spec["speculating_step_share"] > 0.5 and 0 < spec["draft_time_share"] < 1
+    assert spec["measured_speedup"] == pytest.approx(
+        report["output_tokens_per_s"] / spec["plain_output_tokens_per_s"]
+    )
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "speculative decoding: eagle, policy fixed" in text and "tokens per target pass" in text

@@ -48,3 +48,16 @@ def default_eagle_head_dir() -> Path:
 def train_command(name: str) -> str:
     """The command that rebuilds embedded model ``name``."""
     return _TRAIN_COMMANDS[name]
+
+
+def resolve_draft_model(draft_model: str) -> Path:
+    """``"default"`` names the embedded model's EAGLE head; anything else is a head folder."""
+    if draft_model != "default":
+        return Path(draft_model).expanduser()
+    path = default_eagle_head_dir()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: the embedded EAGLE head is missing from this install; rebuild it with "
+            f"`{DEFAULT_EAGLE_HEAD_TRAIN_COMMAND}`"
+        )
+    return path

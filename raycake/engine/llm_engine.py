@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from raycake.assets import resolve_draft_model
 from raycake.config import EngineConfig, SpeculativeConfig
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.outputs import SchedulerStats
@@ -117,7 +118,9 @@ class LLMEngine:
         )
         self.runner: ModelRunner
         if spec is not None and spec.method == "eagle":
-            head = load_eagle_head(spec.draft_model, model_config, config.dtype, config.device)
+            head = load_eagle_head(
+                resolve_draft_model(spec.draft_model), model_config, config.dtype, config.device
+            )
             self.runner = SpecDecodeRunner(
                 self.model,
                 head,
