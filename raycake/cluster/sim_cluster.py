@@ -7,7 +7,11 @@ continuous batching (one token per running request per step, up to ``max_num_seq
 and ``decode_kv_blocks`` blocks). For each arriving request the simulated conductor builds the
 same views as ``raycake.actors.conductor.Conductor`` (store prefix from the store's contents,
 each instance's cached prefix, queued prefill seconds, decode loads counting requests assigned
-and still in prefill) and calls the policy's ``schedule``; a ``Rejection`` is honoured.
+and still in prefill) and calls the policy's ``schedule``; a ``Rejection`` is honoured. Where
+the actor only books estimates, the simulator reports what the instances hold: a decode view's
+``total_context_tokens`` is the current context (prompt + tokens so far; the actor books prompt
++ max_tokens) and ``mean_remaining_tokens`` the trace's remaining output lengths (the actor
+leaves it None). Decode KV is reserved for prompt + output when the request is scheduled.
 
 Timing: a request's TTFT runs from arrival to its KV landing on the decode instance (queue +
 store fetch + prefill + transfer); its token intervals are the decode steps it takes part in,
@@ -398,6 +402,7 @@ class SimulatedCluster:
         config = self.config
         ttft = r.first_token_s - r.arrival_s
         self.rows.add(
+            r.index,
             request_id=f"r{r.index}",
             arrival_s=r.arrival_s,
             num_prompt_tokens=r.num_prompt_tokens,
@@ -423,6 +428,7 @@ class SimulatedCluster:
         self, r: SimRequest, reason: str, predicted_ttft_s: float, predicted_tbt_s: float | None
     ) -> None:
         self.rows.add(
+            r.index,
             request_id=f"r{r.index}",
             arrival_s=r.arrival_s,
             num_prompt_tokens=r.num_prompt_tokens,

@@ -44,15 +44,18 @@ class RequestRows:
 
     def __init__(self) -> None:
         self.columns: dict[str, list] = {name: [] for name in REQUEST_SCHEMA.names}
+        self.trace_order: list[int] = []  # each row's line index in the trace
 
-    def add(self, **row) -> None:
+    def add(self, trace_index: int, **row) -> None:
+        self.trace_order.append(trace_index)
         for name, column in self.columns.items():
             column.append(row[name])
 
     def to_table(self) -> pa.Table:
+        """The rows in trace order (they are added in completion order)."""
         table = pa.table(self.columns, schema=REQUEST_SCHEMA)
-        # Rows arrive in completion order; report them in arrival order.
-        return table.sort_by([("arrival_s", "ascending"), ("request_id", "ascending")])
+        order = sorted(range(len(self.trace_order)), key=self.trace_order.__getitem__)
+        return table.take(pa.array(order, pa.int64()))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -179,7 +182,7 @@ def summarize(
 
 @dataclass(frozen=True)
 class SimulationResult:
-    requests: pa.Table  # REQUEST_SCHEMA rows, in arrival order
+    requests: pa.Table  # REQUEST_SCHEMA rows, in trace order
     summary: SimulationSummary
 
     def write_parquet(self, path: str | Path) -> Path:

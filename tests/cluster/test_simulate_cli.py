@@ -81,6 +81,18 @@ def test_simulate_sweeps_as_json(tmp_path, capsys):
     assert all(row["num_rejected"] == 0 for row in rows)  # no early rejection
 
 
+def test_simulate_local_cache_only_fetches_nothing(tmp_path, capsys):
+    args = ["simulate", "--trace", str(_trace(tmp_path)), "--model", "llama3-8b", "--json"]
+    assert main([*args, "--prefill", "4", "--prefill-cache-blocks", "50"]) == 0
+    (with_store,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (
+        main([*args, "--prefill", "4", "--prefill-cache-blocks", "50", "--local-cache-only"]) == 0
+    )
+    (local,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert local["store_hit_rate"] == 0 and with_store["store_hit_rate"] > 0
+    assert with_store["cache_hit_rate"] >= local["cache_hit_rate"]
+
+
 def test_simulate_reports_bad_inputs(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = '{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}'
