@@ -57,6 +57,7 @@ class StepRecord:
     num_requests: int  # requests in the step (a pure decode step has one token each)
     num_context_tokens: int  # tokens attended to: everything before the step plus the step
     seconds: float
+    num_draft_tokens: int = 0  # of num_tokens, draft tree nodes verified (speculation)
 
     @property
     def is_decode_only(self) -> bool:
@@ -306,6 +307,7 @@ class LLMEngine:
             num_requests=len(scheduler_output.num_scheduled_tokens),
             num_context_tokens=context,
             seconds=time.perf_counter() - started,
+            num_draft_tokens=sum(scheduler_output.num_draft_tokens.values()),
         )
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         now = time.monotonic()

@@ -128,6 +128,7 @@ class SpecDecodeRunner(ModelRunner):
         started = time.perf_counter()
         drafting = list(out.num_draft_tokens)
         self._extend_head(drafting)
+        caught_up = time.perf_counter()
         self.trees = self._draft(out.num_draft_tokens)
         for rid, tree in self.trees.items():
             if tree.num_nodes > out.num_draft_tokens[rid]:
@@ -150,9 +151,13 @@ class SpecDecodeRunner(ModelRunner):
         if self.controller is not None:
             self.controller.observe_target_step(out.total_num_scheduled_tokens, verified - drafted)
             if self.trees:
-                # One catch-up forward plus one per depth below the deepest tree's.
-                forwards = max(max(t.depths, default=1) for t in self.trees.values())
-                self.controller.observe_draft_step(len(self.trees), (drafted - started) / forwards)
+                # A tree of depth d takes d - 1 expansions (the first depth comes with the
+                # root); the catch-up forward is about one more, except when it covers a
+                # whole prompt, so it is left out of the per-depth cost.
+                depth = max(max(t.depths, default=1) for t in self.trees.values())
+                if depth > 1:
+                    per_depth = (drafted - caught_up) / (depth - 1)
+                    self.controller.observe_draft_step(len(self.trees), per_depth)
                 self._account_speedup(out, sampled, verified - started)
         return RunnerOutput(sampled_token_ids=sampled)
 

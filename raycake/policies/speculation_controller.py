@@ -55,12 +55,21 @@ class AcceptanceTracker:
     The geometric model's maximum-likelihood rate is accepted / (accepted + rejections), where a
     step that drafted k and accepted a < k counts a acceptances and one rejection (a == k counts
     no rejection: the chain was never refuted). Both counts decay by ``decay`` per observed step,
-    and start from a prior worth ``prior_weight`` draft tokens at ``prior_rate``, so a new
-    request gets a modest budget and its own history takes over within a few steps.
+    and start from a prior worth ``prior_weight`` draft tokens, so a new request gets a modest
+    budget and its own history takes over within a few steps. The prior's rate is
+    ``prior_rate`` until anything is observed; with ``learn_prior`` it is then the rate over all
+    requests (counts decayed by ``prior_decay`` per step), since a head that is good for the
+    requests so far is likely good for the next one.
     """
 
     def __init__(
-        self, prior_rate: float = 0.6, prior_weight: float = 4.0, decay: float = 0.8
+        self,
+        prior_rate: float = 0.6,
+        prior_weight: float = 4.0,
+        decay: float = 0.8,
+        *,
+        learn_prior: bool = True,
+        prior_decay: float = 0.98,
     ) -> None:
         _require(
             _is_number(prior_rate) and 0.0 <= prior_rate <= 1.0,
@@ -70,8 +79,25 @@ class AcceptanceTracker:
         )
         _require(_is_number(prior_weight) and prior_weight > 0, "prior_weight", "> 0", prior_weight)
         _require(_is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
+        _require(
+            _is_number(prior_decay) and 0.0 < prior_decay <= 1.0,
+            "prior_decay",
+            "a number in (0, 1]",
+            prior_decay,
+        )
         self.prior_rate, self.prior_weight, self.decay = prior_rate, prior_weight, decay
+        self.learn_prior, self.prior_decay = learn_prior, prior_decay
         self._state: dict[str, _Acceptance] = {}
+        self._all = _Acceptance(
+            accepted=prior_rate * prior_weight, rejected=(1 - prior_rate) * prior_weight
+        )
+
+    @property
+    def current_prior_rate(self) -> float:
+        """The rate a request with no history starts from."""
+        if not self.learn_prior:
+            return self.prior_rate
+        return self._all.accepted / (self._all.accepted + self._all.rejected)
 
     def observe(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
         """One verify step: ``num_accepted`` of ``num_draft_tokens`` drafts were accepted."""
@@ -88,12 +114,15 @@ class AcceptanceTracker:
             return
         state = self._state.get(request_id)
         if state is None:
+            rate = self.current_prior_rate
             state = self._state[request_id] = _Acceptance(
-                accepted=self.prior_rate * self.prior_weight,
-                rejected=(1 - self.prior_rate) * self.prior_weight,
+                accepted=rate * self.prior_weight, rejected=(1 - rate) * self.prior_weight
             )
+        rejected = float(num_accepted < num_draft_tokens)
         state.accepted = self.decay * state.accepted + num_accepted
-        state.rejected = self.decay * state.rejected + (num_accepted < num_draft_tokens)
+        state.rejected = self.decay * state.rejected + rejected
+        self._all.accepted = self.prior_decay * self._all.accepted + num_accepted
+        self._all.rejected = self.prior_decay * self._all.rejected + rejected
         emitted = num_accepted + 1
         state.mean_emitted = (
             emitted
@@ -105,7 +134,7 @@ class AcceptanceTracker:
         """The request's fitted rate; the prior for a request with no observed step."""
         state = self._state.get(request_id)
         if state is None or state.accepted + state.rejected == 0:
-            return self.prior_rate
+            return self.current_prior_rate
         return state.accepted / (state.accepted + state.rejected)
 
     def mean_emitted_tokens(self, request_id: str) -> float | None:
@@ -181,27 +210,50 @@ DEFAULT_PRIOR_COST = SpecCostView(
 
 
 class SpeculationController:
-    """A policy with the state it decides on. Not thread-safe: one per engine."""
+    """A policy with the state it decides on. Not thread-safe: one per engine.
+
+    ``explore_every``: after that many steps in a row in which the policy drafted for nobody,
+    one request (in turn) gets a probe budget of ``probe_tokens`` for a step, so acceptance and
+    draft costs measured long ago (or under other load) cannot keep speculation off for good.
+    A probe costs one request's drafts once per ``explore_every`` steps. None: never probe
+    (the fixed and off policies decide without measurements).
+    """
 
     def __init__(
         self,
         policy: SpeculationPolicy,
         tracker: AcceptanceTracker | None = None,
         prior_cost: SpecCostView = DEFAULT_PRIOR_COST,
+        *,
+        explore_every: int | None = None,
+        probe_tokens: int = 1,
     ) -> None:
+        if explore_every is not None:
+            _require(_is_count(explore_every, 1), "explore_every", "an integer >= 1", explore_every)
+        _require(_is_count(probe_tokens, 1), "probe_tokens", "an integer >= 1", probe_tokens)
         self.policy = policy
         self.tracker = tracker or AcceptanceTracker()
         self.prior_cost = prior_cost
+        self.explore_every, self.probe_tokens = explore_every, probe_tokens
         self.target_timing = LinearTimingFit()
         self.draft_timing = LinearTimingFit()
         self.last_decision: SpeculationDecision | None = None
         self.num_steps = 0
-        # Steps in which at least one request speculated.
+        # Steps in which at least one request speculated (probes included), and probes.
         self.num_speculating_steps = 0
+        self.num_probe_steps = 0
+        self._quiet_steps = 0  # steps in a row without drafts
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig) -> SpeculationController:
-        return cls(speculation_policy_from_config(config))
+        policy = speculation_policy_from_config(config)
+        if policy.name != "adaptive":
+            return cls(policy)
+        return cls(
+            policy,
+            explore_every=32,
+            probe_tokens=min(config.num_draft_tokens, config.max_depth),
+        )
 
     def cost(self) -> SpecCostView:
         """Measured costs where measured, the prior's elsewhere: with a single size seen, the
@@ -234,8 +286,18 @@ class SpeculationController:
         decision = self.policy.decide(views, self.cost())
         self.last_decision = decision
         self.num_steps += 1
-        self.num_speculating_steps += decision.num_speculating > 0
-        return dict(decision.draft_tokens)
+        budgets = dict(decision.draft_tokens)
+        if decision.num_speculating == 0 and request_ids:
+            self._quiet_steps += 1
+            if self.explore_every is not None and self._quiet_steps >= self.explore_every:
+                probe = request_ids[self.num_probe_steps % len(request_ids)]
+                budgets[probe] = self.probe_tokens
+                self.num_probe_steps += 1
+                self._quiet_steps = 0
+        else:
+            self._quiet_steps = 0
+        self.num_speculating_steps += any(k > 0 for k in budgets.values())
+        return budgets
 
     def observe_verify(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
         self.tracker.observe(request_id, num_draft_tokens, num_accepted)
@@ -245,7 +307,8 @@ class SpeculationController:
         self.target_timing.observe(num_tokens, seconds)
 
     def observe_draft_step(self, num_seqs: int, seconds: float) -> None:
-        """One draft-head step over ``num_seqs`` requests took ``seconds``."""
+        """One draft-head step (one token per request deeper) over ``num_seqs`` requests took
+        ``seconds``."""
         self.draft_timing.observe(num_seqs, seconds)
 
     def forget(self, request_id: str) -> None:
@@ -256,4 +319,5 @@ class SpeculationController:
         out = {} if self.last_decision is None else self.last_decision.metrics()
         out["spec_policy_steps"] = float(self.num_steps)
         out["spec_policy_speculating_steps"] = float(self.num_speculating_steps)
+        out["spec_policy_probe_steps"] = float(self.num_probe_steps)
         return out

@@ -14,7 +14,7 @@ from raycake.policies.speculation_controller import (
 
 
 def test_acceptance_tracker_prior_then_history():
-    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=0.8)
+    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=0.8, learn_prior=False)
     assert tracker.acceptance_rate("new") == 0.6
     assert tracker.mean_emitted_tokens("new") is None
     assert len(tracker) == 0  # queries do not create state
@@ -84,7 +84,44 @@ def test_adaptive_controller_follows_measured_costs_and_acceptance():
     assert controller.last_decision.num_speculating == 0
     assert controller.metrics()["spec_num_speculating"] == 0.0
     controller.forget("good")
-    assert controller.tracker.acceptance_rate("good") == controller.tracker.prior_rate
+    assert controller.tracker.acceptance_rate("good") == controller.tracker.current_prior_rate
+
+
+def test_new_requests_start_from_the_acceptance_of_earlier_ones():
+    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=0.8, prior_decay=1.0)
+    assert tracker.current_prior_rate == 0.6
+    for _ in range(4):
+        tracker.observe("old", 5, 5)  # 20 accepted, no rejection
+    # All requests' counts: the prior's 2.4 / 1.6 plus 20 / 0.
+    assert tracker.current_prior_rate == pytest.approx(22.4 / 24.0)
+    assert tracker.acceptance_rate("new") == pytest.approx(22.4 / 24.0)
+    tracker.observe("new", 4, 1)  # its own counts start from that prior, weight 4
+    start = 4 * 22.4 / 24.0
+    assert tracker.acceptance_rate("new") == pytest.approx((0.8 * start + 1) / (0.8 * 4.0 + 1 + 1))
+
+
+def test_adaptive_controller_probes_after_a_long_quiet_spell():
+    """Measured costs that make drafting a loss keep the policy quiet; every explore_every-th
+    quiet step one request in turn gets the probe budget, so fresh evidence can switch it back."""
+    controller = SpeculationController.from_config(
+        SpeculativeConfig(draft_model="h", policy="adaptive", num_draft_tokens=8, max_depth=5)
+    )
+    assert (controller.explore_every, controller.probe_tokens) == (32, 5)
+    for tokens in (1, 8, 64):  # drafts cost as much as target steps: never worth it
+        controller.observe_target_step(tokens, 0.001 * tokens)
+        controller.observe_draft_step(1, 0.01)
+    ids = ["a", "b"]
+    probes = []
+    for step in range(1, 97):
+        budgets = controller.budget_for(ids)
+        if any(budgets.values()):
+            probes.append((step, budgets))
+    assert probes == [(32, {"a": 5, "b": 0}), (64, {"a": 0, "b": 5}), (96, {"a": 5, "b": 0})]
+    assert controller.num_probe_steps == 3 and controller.num_speculating_steps == 3
+    assert controller.metrics()["spec_policy_probe_steps"] == 3.0
+    # The fixed policy decides without measurements: it never probes.
+    fixed = SpeculationController.from_config(SpeculativeConfig(draft_model="h", policy="off"))
+    assert fixed.explore_every is None
 
 
 def test_controller_cost_before_and_after_one_size():
