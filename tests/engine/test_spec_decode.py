@@ -14,7 +14,7 @@ from raycake.engine.spec_decode import DraftTree, verify_greedy, verify_sampling
 from raycake.model.eagle import EagleDraftHead, save_eagle_head
 from raycake.model.loader import read_model_config
 from raycake.policies.speculation_controller import AcceptanceTracker
-from tests.llama_checkpoints import CONFIGS, build_checkpoint
+from tests.llama_checkpoints import CONFIGS, build_checkpoint, build_mixtral_checkpoint
 
 
 @pytest.fixture(scope="module", params=CONFIGS[:2], ids=lambda s: s.name)
@@ -277,3 +277,16 @@ def test_adaptive_policy_is_lossless_and_learns(checkpoint) -> None:
     stats = llm.engine.spec_stats()
     assert stats.num_verify_steps > 0 and stats.estimated_speedup > 0
     assert set(controller.metrics()) >= {"spec_draft_tokens", "spec_policy_steps"}
+
+
+def test_moe_target_greedy_equals_plain(tmp_path) -> None:
+    """A Mixtral target (MoE layers, top-2 routing) with a dense EAGLE head: lossless too."""
+    build_mixtral_checkpoint(tmp_path / "target", 4, vocab_size=320)
+    torch.manual_seed(4)
+    save_eagle_head(EagleDraftHead(read_model_config(tmp_path / "target")), tmp_path / "head")
+    prompts = _prompts(6, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = _generate(_llm(tmp_path / "target"), prompts, params)
+    spec_llm = _llm(tmp_path / "target", tmp_path / "head", num_draft_tokens=6, max_depth=3)
+    assert _generate(spec_llm, prompts, params) == plain
+    assert spec_llm.engine.spec_stats().num_verify_steps > 0
