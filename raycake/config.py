@@ -633,6 +633,9 @@ class EagleTrainConfig:
     held_out_percent: int = 2
     max_corpus_files: int | None = None
     save_dtype: str = "float32"
+    # Drafts come from this many most frequent training tokens (EAGLE-3's reduced draft
+    # vocabulary); None: the whole vocabulary.
+    draft_vocab_size: int | None = 1024
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_windows"):
@@ -667,6 +670,8 @@ class EagleTrainConfig:
         )
         if self.max_corpus_files is not None:
             _positive_int("train_eagle.max_corpus_files", self.max_corpus_files)
+        if self.draft_vocab_size is not None:
+            _positive_int("train_eagle.draft_vocab_size", self.draft_vocab_size)
         _require(
             self.save_dtype in SUPPORTED_DTYPES,
             "train_eagle.save_dtype",

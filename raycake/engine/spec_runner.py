@@ -94,6 +94,18 @@ class SpecDecodeRunner(ModelRunner):
         self.features = torch.zeros(
             num_blocks * block_size, config.hidden_size, dtype=self.dtype, device=self.device
         )
+        # Drafts come from the head's draft vocabulary when it has one: the lm_head rows of
+        # those tokens, copied once (the lm_head is the target's, frozen).
+        vocab = head.draft_vocab
+        if vocab is not None and len(vocab) < spec.tree_top_k:
+            raise ValueError(
+                f"speculative.tree_top_k: {spec.tree_top_k} exceeds the head's draft vocabulary "
+                f"of {len(vocab)} tokens"
+            )
+        self.draft_vocab = None if vocab is None else vocab.to(self.device)
+        self.draft_lm_head = (
+            None if vocab is None else model.lm_head.weight.detach()[self.draft_vocab].clone()
+        )  # [Vd, E]
         self.head_states: dict[str, HeadState] = {}
         self.trees: dict[str, DraftTree] = {}  # this step's
         self.stats = SpecDecodeStats()
@@ -307,8 +319,7 @@ class SpecDecodeRunner(ModelRunner):
                 for r in rids
             ]
         )  # [R, E]
-        logp = self.model.compute_logits(roots).log_softmax(-1)  # [R, V]
-        vals, idx = logp.topk(k, dim=-1)  # [R, k]
+        vals, idx = self._draft_top_k(roots, k)  # [R, k]
         cands = [
             [_Candidate(int(t), -1, 1, float(v)) for t, v in zip(idx[r], vals[r], strict=True)]
             for r in range(len(rids))
@@ -317,8 +328,7 @@ class SpecDecodeRunner(ModelRunner):
         for depth in range(1, max(d for d, _ in shapes)):
             active = [r for r in range(len(rids)) if depth < shapes[r][0]]
             out = self._expand(rids, roots, cands, frontier, active, depth)  # [M, E]
-            logp = self.model.compute_logits(out).log_softmax(-1)  # [M, V]
-            vals, idx = logp.topk(k, dim=-1)  # [M, k]
+            vals, idx = self._draft_top_k(out, k)  # [M, k]
             vals_l, idx_l = vals.tolist(), idx.tolist()
             row = 0
             for r in active:
@@ -342,6 +352,16 @@ class SpecDecodeRunner(ModelRunner):
             )
             for r, rid in enumerate(rids)
         }
+
+    def _draft_top_k(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's k likeliest next tokens after each feature [M, E]: (log-probabilities,
+        token ids), both [M, k]; over the draft vocabulary when the head has one."""
+        if self.draft_lm_head is None:
+            logp = self.model.compute_logits(features).log_softmax(-1)  # [M, V]
+            return logp.topk(k, dim=-1)
+        logits = torch.nn.functional.linear(features, self.draft_lm_head).float()  # [M, Vd]
+        vals, idx = logits.log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+        return vals, self.draft_vocab[idx]
 
     def _expand(
         self,

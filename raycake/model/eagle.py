@@ -7,6 +7,12 @@ without its first input norm. The token embedding and the lm_head are the target
 frozen: the head reads ``embed_tokens`` from the caller and the caller projects its output with
 ``target.compute_logits``.
 
+Draft vocabulary (optional, as in EAGLE-3 and FR-Spec): the head may carry ``draft_vocab``, the
+ids of the most frequent tokens of its training corpus; drafts are then drawn from those only,
+through the matching rows of the lm_head. On a model whose lm_head is a large share of its
+weights that makes each draft step several times cheaper, and verification keeps the output
+exact whatever the drafts are.
+
 Pairing: the head's entry at position ``t + 1`` consumes the target's feature at position ``t``
 (its final hidden state, after the final norm) and the token at ``t + 1``; it returns the predicted
 feature at ``t + 1``, whose logits draft the token at ``t + 2``. Position 0 has no entry.
@@ -30,6 +36,7 @@ from raycake.model.rope import RotaryEmbedding
 
 EAGLE_ARCHITECTURE = "EagleDraftHead"
 _WEIGHTS = "model.safetensors"
+_DRAFT_VOCAB = "draft_vocab"  # the optional int64 tensor of draft token ids
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields of the target that the head's weights and the shared embedding/lm_head depend on.
 _SHAPE_FIELDS = (
@@ -57,6 +64,25 @@ class EagleDraftHead(nn.Module):
         # EAGLE-1 drops the first input norm: fc's output goes straight into attention.
         self.layer.input_layernorm = nn.Identity()
         self.rotary_emb = RotaryEmbedding(self.config)
+        self.draft_vocab: torch.Tensor | None = None  # [Vd] token ids, or None: all of them
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
+        """Restrict drafts to ``token_ids`` (distinct ids in [0, vocab_size)); None: no limit."""
+        if token_ids is None:
+            self.draft_vocab = None
+            return
+        ids = torch.as_tensor(token_ids)
+        vocab = self.config.vocab_size
+        if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
+            raise ValueError(
+                f"draft_vocab: expected a non-empty 1-D list of token ids, got shape "
+                f"{tuple(ids.shape)} of {ids.dtype}"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"draft_vocab: token ids must be in [0, {vocab})")
+        if len(torch.unique(ids)) != len(ids):
+            raise ValueError("draft_vocab: token ids must be distinct")
+        self.draft_vocab = ids.to(torch.long).cpu()
 
     def forward(
         self,
@@ -80,7 +106,8 @@ class EagleDraftHead(nn.Module):
 
 
 def save_eagle_head(head: EagleDraftHead, out_dir: str | Path, dtype: str = "float32") -> None:
-    """Write ``model.safetensors`` (the head's own parameters: fc.*, layer.*) and config.json."""
+    """Write ``model.safetensors`` (the head's own parameters: fc.*, layer.*, and its
+    ``draft_vocab`` when it has one) and config.json."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
@@ -89,8 +116,14 @@ def save_eagle_head(head: EagleDraftHead, out_dir: str | Path, dtype: str = "flo
         name: t.detach().to("cpu", _DTYPES[dtype]).contiguous()
         for name, t in head.state_dict().items()
     }
+    if head.draft_vocab is not None:
+        tensors[_DRAFT_VOCAB] = head.draft_vocab.contiguous()
     save_file(tensors, str(out / _WEIGHTS))
-    config = {"architectures": [EAGLE_ARCHITECTURE], "target": head.config.to_hf_config(dtype)}
+    config = {
+        "architectures": [EAGLE_ARCHITECTURE],
+        "target": head.config.to_hf_config(dtype),
+        "draft_vocab_size": None if head.draft_vocab is None else len(head.draft_vocab),
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -138,6 +171,12 @@ def load_eagle_head(
     path = Path(head_dir) / _WEIGHTS
     with safe_open(str(path), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    draft_vocab = tensors.pop(_DRAFT_VOCAB, None)
+    if draft_vocab is not None:
+        try:
+            head.set_draft_vocab(draft_vocab)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     expected = head.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

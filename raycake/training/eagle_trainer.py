@@ -55,6 +55,9 @@ class EagleTrainReport:
     # How often the target's greedy token is the text's next token (the target's own accuracy).
     target_text_accuracy: float
     seconds: float
+    # Draft vocabulary size (None: all tokens) and the share of held-out tokens it contains.
+    draft_vocab_size: int | None = None
+    draft_vocab_coverage: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,23 @@ def _tokens(cfg: EagleTrainConfig, target_dir: Path, eos_id: int) -> tuple[np.nd
             f"window of {cfg.seq_len} + 1; use more corpus files or a shorter seq_len"
         )
     return train, held
+
+
+def most_frequent_tokens(tokens: np.ndarray, size: int, vocab_size: int) -> list[int] | None:
+    """The ``size`` most frequent ids in ``tokens`` (ties: the lower id), for the head's draft
+    vocabulary; None when that is the whole vocabulary."""
+    if size >= vocab_size:
+        return None
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)
+    order = np.lexsort((np.arange(vocab_size), -counts))  # by count down, then id up
+    return sorted(int(i) for i in order[:size])
+
+
+def draft_vocab_coverage(tokens: np.ndarray, draft_vocab: list[int] | None) -> float:
+    """Share of ``tokens`` that are in the draft vocabulary (1.0 without one)."""
+    if draft_vocab is None:
+        return 1.0
+    return float(np.isin(tokens, np.asarray(draft_vocab)).mean())
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
@@ -329,6 +349,12 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
             )
             progress.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{held.accuracy:.3f}")
 
+    draft_vocab = (
+        None
+        if cfg.draft_vocab_size is None
+        else most_frequent_tokens(train_tokens, cfg.draft_vocab_size, target.config.vocab_size)
+    )
+    head.set_draft_vocab(draft_vocab)
     save_eagle_head(head, out_dir, dtype=cfg.save_dtype)
     # Report on the weights as shipped (after the cast to save_dtype).
     from raycake.model.eagle import load_eagle_head
@@ -351,6 +377,8 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
         untrained_accuracy=untrained.accuracy,
         target_text_accuracy=final.target_text_accuracy,
         seconds=time.perf_counter() - started,
+        draft_vocab_size=None if draft_vocab is None else len(draft_vocab),
+        draft_vocab_coverage=draft_vocab_coverage(held_tokens, draft_vocab),
     )
     (out_dir / "train_report.json").write_text(
         json.dumps({"config": asdict(cfg), "report": asdict(report), "history": history}, indent=1)
@@ -372,5 +400,11 @@ def accuracy_line(report: EagleTrainReport) -> str:
         f"held-out top-1 = target greedy {report.held_out_accuracy:.1%} (untrained "
         f"{report.untrained_accuracy:.1%}, majority {report.majority_accuracy:.1%}); feature "
         f"loss {report.held_out_feature_loss:.4f}, token CE {report.held_out_token_ce:.3f}; "
-        f"{report.seconds:.0f} s"
+        + (
+            ""
+            if report.draft_vocab_size is None
+            else f"draft vocabulary {report.draft_vocab_size} tokens "
+            f"({report.draft_vocab_coverage:.1%} of held-out tokens); "
+        )
+        + f"{report.seconds:.0f} s"
     )

@@ -11,7 +11,7 @@ import torch
 from raycake import LLM, SamplingParams
 from raycake.config import SpeculativeConfig
 from raycake.engine.spec_decode import DraftTree, verify_greedy, verify_sampling
-from raycake.model.eagle import EagleDraftHead, save_eagle_head
+from raycake.model.eagle import EagleDraftHead, load_eagle_head, save_eagle_head
 from raycake.model.loader import read_model_config
 from raycake.policies.speculation_controller import AcceptanceTracker
 from tests.llama_checkpoints import CONFIGS, build_checkpoint, build_mixtral_checkpoint
@@ -290,3 +290,31 @@ def test_moe_target_greedy_equals_plain(tmp_path) -> None:
     spec_llm = _llm(tmp_path / "target", tmp_path / "head", num_draft_tokens=6, max_depth=3)
     assert _generate(spec_llm, prompts, params) == plain
     assert spec_llm.engine.spec_stats().num_verify_steps > 0
+
+
+def test_drafts_come_from_the_heads_draft_vocabulary(checkpoint, tmp_path) -> None:
+    """A head with a draft vocabulary proposes only those tokens; the output stays exact."""
+    target, head_dir = checkpoint
+    head = load_eagle_head(head_dir)
+    vocab = list(range(0, 320, 3))
+    head.set_draft_vocab(vocab)
+    save_eagle_head(head, tmp_path / "head")
+    prompts = _prompts(6, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    plain = _generate(_llm(target), prompts, params)
+    llm = _llm(target, tmp_path / "head", num_draft_tokens=6, tree_top_k=3, max_depth=3)
+    runner, drafted = llm.engine.runner, []
+    draft = runner._draft
+
+    def record(budgets):
+        trees = draft(budgets)
+        drafted.extend(t for tree in trees.values() for t in tree.token_ids)
+        return trees
+
+    runner._draft = record
+    assert _generate(llm, prompts, params) == plain
+    assert drafted and set(drafted) <= set(vocab)
+    with pytest.raises(ValueError, match="tree_top_k: 4 exceeds the head's draft vocabulary"):
+        head.set_draft_vocab([1, 2, 3])
+        save_eagle_head(head, tmp_path / "small")
+        _llm(target, tmp_path / "small", tree_top_k=4)

@@ -89,6 +89,26 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert load_eagle_head(tmp_path, dtype="bfloat16").fc.weight.dtype == torch.bfloat16
 
 
+def test_draft_vocabulary_round_trip_and_validation(tmp_path) -> None:
+    head = EagleDraftHead(CONFIG)
+    head.set_draft_vocab([7, 3, 11])
+    save_eagle_head(head, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["draft_vocab_size"] == 3
+    loaded = load_eagle_head(tmp_path, CONFIG, dtype="bfloat16")
+    # Token ids stay int64 whatever the weights' dtype.
+    assert loaded.draft_vocab.dtype == torch.long and loaded.draft_vocab.tolist() == [7, 3, 11]
+    assert "draft_vocab" not in loaded.state_dict()
+    for bad, message in (
+        ([], "non-empty"),
+        ([[1, 2]], "1-D"),
+        ([1.0, 2.0], "token ids"),
+        ([1, 50], r"\[0, 50\)"),
+        ([4, 4], "distinct"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            head.set_draft_vocab(bad)
+
+
 def test_load_rejects_a_head_for_another_target(tmp_path) -> None:
     save_eagle_head(EagleDraftHead(CONFIG), tmp_path)
 

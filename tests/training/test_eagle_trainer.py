@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from raycake.cli import main
 from raycake.config import EagleTrainConfig
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import read_model_config
+from raycake.training.eagle_trainer import draft_vocab_coverage, most_frequent_tokens
 
 TINY_HEAD = [
     "--seq-len", "32", "--batch-size", "8", "--steps", "60", "--warmup-steps", "5",
@@ -49,6 +51,18 @@ def test_writes_head_report_and_plot(head, target):
     # The head loads back for its target and has the layout the engine expects.
     loaded = load_eagle_head(head, read_model_config(target))
     assert sum(p.numel() for p in loaded.parameters()) == report["num_parameters"]
+    # The default draft vocabulary: the 1,024 most frequent training tokens.
+    assert report["draft_vocab_size"] == 1024 == len(loaded.draft_vocab)
+    assert 0.5 < report["draft_vocab_coverage"] < 1.0
+
+
+def test_most_frequent_tokens_ranks_by_count_then_id():
+    tokens = np.array([5, 5, 5, 2, 2, 9, 9, 1, 0])
+    assert most_frequent_tokens(tokens, 3, 10) == [2, 5, 9]  # 9 ties with 2, beats 0 and 1
+    assert most_frequent_tokens(tokens, 4, 10) == [0, 2, 5, 9]
+    assert most_frequent_tokens(tokens, 10, 10) is None  # the whole vocabulary
+    assert draft_vocab_coverage(tokens, [2, 5, 9]) == pytest.approx(7 / 9)
+    assert draft_vocab_coverage(tokens, None) == 1.0
 
 
 def test_head_learns_the_targets_greedy_token(head):
