@@ -161,7 +161,13 @@ class SpecDecodeRunner(ModelRunner):
         self.stats.draft_seconds += drafted - started
         self.stats.target_seconds += verified - drafted
         if self.controller is not None:
-            self.controller.observe_target_step(out.total_num_scheduled_tokens, verified - drafted)
+            # The policy weighs decode steps: a step with a prompt chunk in it says little
+            # about what one more draft token costs (its attention spans the whole prompt).
+            num_drafts = sum(out.num_draft_tokens.values())
+            if out.total_num_scheduled_tokens == len(out.num_scheduled_tokens) + num_drafts:
+                self.controller.observe_target_step(
+                    out.total_num_scheduled_tokens, verified - drafted
+                )
             if self.trees:
                 # A tree of depth d takes d - 1 expansions (the first depth comes with the
                 # root); the catch-up forward is about one more, except when it covers a
