@@ -5,11 +5,15 @@ S cache slots (N blocks x P tokens per block), M most blocks of a decode, C one 
 
 Context is read a whole block at a time (``index_select`` of P x K x Dh rows), which is an
 order of magnitude faster on CPU than gathering slot by slot.
+
+Spans of the same short length that carry a mask (speculative verify spans: a request's last
+token and its draft tree) are batched into one attention call per layer, their contexts padded
+to the longest and masked, the way decodes are; other spans run one call each.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,59 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [D, M] each decode's blocks, padded with block 0
     decode_mask: torch.Tensor | None  # [D, 1, 1, M * P] additive: 0 in context, -inf for padding
     spans: list[QuerySpan]
+    # Built on first use and shared by every layer of the step: batched spans, and the rest.
+    _plan: tuple[list[SpanBatch], list[QuerySpan]] | None = field(default=None, repr=False)
+
+    def span_plan(self) -> tuple[list[SpanBatch], list[QuerySpan]]:
+        if self._plan is None:
+            self._plan = _plan_spans(self.spans, self.block_size)
+        return self._plan
+
+
+# Spans at most this long are batched: verify spans are (1 + draft nodes) tokens; a prompt
+# chunk, whose padding would cost more than its own call, runs alone.
+MAX_BATCHED_SPAN = 64
+
+
+@dataclass
+class SpanBatch:
+    """R masked spans of n tokens each, attended in one call. B = R x n tokens."""
+
+    token_index: torch.Tensor  # [B] the spans' tokens in the step, span after span
+    span_len: int  # n
+    block_tables: torch.Tensor  # [R, M] each span's blocks, padded with block 0
+    mask: torch.Tensor  # [R, 1, n, M * P] additive; -inf beyond each span's context
+
+
+def _plan_spans(spans: list[QuerySpan], block_size: int) -> tuple[list[SpanBatch], list[QuerySpan]]:
+    groups: dict[int, list[QuerySpan]] = {}
+    single: list[QuerySpan] = []
+    for span in spans:
+        n = span.end - span.start
+        if span.mask is None or n > MAX_BATCHED_SPAN:
+            single.append(span)
+        else:
+            groups.setdefault(n, []).append(span)
+    batches = []
+    for n, members in groups.items():
+        if len(members) == 1:
+            single.extend(members)
+            continue
+        max_blocks = max(len(s.block_ids) for s in members)
+        device = members[0].block_ids.device
+        tables = torch.zeros(len(members), max_blocks, dtype=torch.long, device=device)
+        mask = torch.full(
+            (len(members), 1, n, max_blocks * block_size),
+            float("-inf"),
+            dtype=members[0].mask.dtype,
+            device=members[0].mask.device,
+        )
+        for r, span in enumerate(members):
+            tables[r, : len(span.block_ids)] = span.block_ids
+            mask[r, 0, :, : span.context_len] = span.mask
+        index = torch.cat([torch.arange(s.start, s.end) for s in members]).to(device)
+        batches.append(SpanBatch(index, n, tables, mask))
+    return batches, single
 
 
 def paged_attention(
@@ -80,7 +137,25 @@ def paged_attention(
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         out[:num_decodes] = od.reshape(num_decodes, num_heads, head_dim)
 
-    for span in meta.spans:
+    batches, single = meta.span_plan()
+    for batch in batches:
+        num_spans, n = batch.block_tables.shape[0], batch.span_len
+        context = batch.block_tables.shape[1] * meta.block_size
+        qb = q.index_select(0, batch.token_index).view(num_spans, n, num_heads, head_dim)
+        flat = batch.block_tables.flatten()
+        kb = k_blocks.index_select(0, flat).view(num_spans, context, num_kv_heads, head_dim)
+        vb = v_blocks.index_select(0, flat).view(num_spans, context, num_kv_heads, head_dim)
+        ob = F.scaled_dot_product_attention(
+            qb.transpose(1, 2),  # [R, H, n, Dh]
+            kb.transpose(1, 2),  # [R, K, M * P, Dh]
+            vb.transpose(1, 2),
+            attn_mask=batch.mask,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )  # [R, H, n, Dh]
+        out.index_copy_(0, batch.token_index, ob.transpose(1, 2).reshape(-1, num_heads, head_dim))
+
+    for span in single:
         qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
         n = span.context_len
         ks = k_blocks.index_select(0, span.block_ids).flatten(0, 1)[:n]  # [C, K, Dh]
