@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from raycake.policies.cluster_view import (
@@ -25,7 +24,7 @@ from raycake.policies.cluster_view import (
     ScheduleDecision,
     require_field,
 )
-from raycake.policies.estimates import decide_without_store
+from raycake.policies.estimates import QueuedPrefixBooks, decide_without_store
 
 # sgl-router's max_tree_size is 67,108,864 characters per worker; at about 4 characters per token
 # that is 16.8M tokens, i.e. 32,768 blocks of 512 tokens (Mooncake's trace block).
@@ -179,14 +178,6 @@ class SGLangCacheAwareRouter:
         return decide_without_store(request, cluster, prefill, decode)
 
 
-@dataclass(frozen=True)
-class _Routed:
-    """One request the Dynamo router sent to a prefill instance, for its active-block books."""
-
-    block_hashes: tuple[int, ...]  # blocks counted once per instance however many share them
-    num_unhashed_blocks: int  # blocks without a hash (no prefix_hashes, or a short tuple)
-
-
 class DynamoKvRouter:
     """NVIDIA Dynamo's KV-aware router (``--router-mode kv``) over raycake's views.
 
@@ -226,21 +217,24 @@ class DynamoKvRouter:
         )
         self.overlap_score_weight = float(overlap_score_weight)
         self._rng = random.Random(seed)
-        self._routed: dict[str, deque[_Routed]] = {}  # oldest first
-        self._held: dict[str, Counter[int]] = {}  # hashed blocks of the routed, with counts
+        self._queued = QueuedPrefixBooks()
 
     def prefill_cost(self, request: RequestView, instance: PrefillInstanceView) -> float:
-        """Dynamo's cost of sending ``request`` to ``instance`` (updates the router's books of
-        what is still queued there, never the view)."""
+        """Dynamo's cost of sending ``request`` to ``instance`` (brings the router's books of
+        what is queued there up to date with the view; never changes the view)."""
         request_blocks = -(-request.num_prompt_tokens // request.block_size)
         overlap = min(instance.cached_prefix_blocks, request_blocks)
         prefill_blocks = (
             request.num_prompt_tokens - overlap * request.block_size
         ) / request.block_size
-        active_blocks = self._active_blocks(instance, request_blocks)
+        iid = instance.instance_id
+        self._queued.sync(instance)
+        held = self._queued.held(iid)
+        # Queued there by someone else (or before this router existed): sized like this one.
+        unknown = (instance.num_queued - self._queued.num_recorded(iid)) * request_blocks
+        active_blocks = len(held) + self._queued.num_unhashed(iid) + unknown
         # Potential active blocks: the request's join those held, shared ones counted once.
         hashes = request.prefix_hashes[:request_blocks]
-        held = self._held[instance.instance_id]
         active_blocks += request_blocks - len(hashes) + len(set(hashes).difference(held))
         return self.overlap_score_weight * prefill_blocks + active_blocks
 
@@ -249,18 +243,6 @@ class DynamoKvRouter:
         """Blocks in use after the request joins (overlap weight 0 at the decode stage)."""
         in_use = -(-instance.total_context_tokens // request.block_size)
         return float(in_use + -(-request.num_prompt_tokens // request.block_size))
-
-    def _active_blocks(self, instance: PrefillInstanceView, request_blocks: int) -> int:
-        routed = self._routed.setdefault(instance.instance_id, deque())
-        held = self._held.setdefault(instance.instance_id, Counter())
-        while len(routed) > instance.num_queued:  # the oldest have finished their prefill
-            for h in routed.popleft().block_hashes:
-                held[h] -= 1
-                if held[h] == 0:
-                    del held[h]
-        # Queued there by someone else (or before this router existed): sized like this one.
-        unknown = (instance.num_queued - len(routed)) * request_blocks
-        return len(held) + sum(r.num_unhashed_blocks for r in routed) + unknown
 
     def _lowest(self, costs: list[float]) -> int:
         lowest = min(costs)
@@ -276,8 +258,5 @@ class DynamoKvRouter:
         ]
         request_blocks = -(-request.num_prompt_tokens // request.block_size)
         hashes = request.prefix_hashes[:request_blocks]
-        self._routed[prefill.instance_id].append(
-            _Routed(hashes, num_unhashed_blocks=request_blocks - len(hashes))
-        )
-        self._held[prefill.instance_id].update(hashes)
+        self._queued.record(prefill.instance_id, hashes, request_blocks - len(hashes))
         return decide_without_store(request, cluster, prefill, decode)

@@ -181,7 +181,9 @@ class ScheduleDecision:
     prefill_instance_id: str
     decode_instance_id: str
     # Leading blocks the prefill instance fetches from the store instead of recomputing; they
-    # follow the blocks it holds locally.
+    # follow the blocks it holds locally (the view's ``cached_prefix_blocks``): it reads blocks
+    # [cached, cached + fetch) of the prompt, skipping those it holds by the time it runs
+    # (computed meanwhile by prompts queued ahead of it).
     fetch_from_store_blocks: int
     predicted_ttft_s: float
     predicted_tbt_s: float

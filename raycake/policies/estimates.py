@@ -1,10 +1,13 @@
 """What serving a request on a given instance would cost: prefill plans (queue, store fetch,
-compute) and decode loads, current or predicted. Shared by every scheduling policy and by the
-trace simulator; pure Python over the plain views of ``cluster_view.py``.
+compute), decode loads, current or predicted, and the prompts still queued on each prefill
+instance. Shared by the scheduling policies and the trace simulator; pure Python over the plain
+views of ``cluster_view.py``.
 """
 
 from __future__ import annotations
 
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from raycake.policies.cluster_view import (
@@ -137,3 +140,61 @@ def decide_without_store(
         predicted_tbt_s=predict_tbt(request, decode, load),
         predicted_prefill_s=plan.predicted_prefill_s,
     )
+
+
+class QueuedPrefixBooks:
+    """A policy's own record of the prompts it sent to each prefill instance that have not
+    finished their prefill there: which blocks they will have computed when a new request
+    queued behind them starts.
+
+    The views say only how many requests each instance has queued (``num_queued``, the running
+    one included); prefill is first come, first served, so of the prompts recorded for an
+    instance the newest ``num_queued`` are still there and the older ones are done (and now in
+    ``cached_prefix_blocks``, unless evicted). ``sync`` drops those. Blocks are chained hashes
+    (``RequestView.prefix_hashes``); one shared by several queued prompts is held once.
+    """
+
+    def __init__(self) -> None:
+        self._routed: dict[str, deque[tuple[tuple[int, ...], int]]] = {}  # oldest first
+        self._held: dict[str, Counter[int]] = {}  # hashed blocks of the queued, with counts
+        self._unhashed: dict[str, int] = {}
+
+    def sync(self, instance: PrefillInstanceView) -> None:
+        """Forget the prompts the instance has finished (call once per view, before reading)."""
+        iid = instance.instance_id
+        routed = self._routed.setdefault(iid, deque())
+        held = self._held.setdefault(iid, Counter())
+        while len(routed) > instance.num_queued:
+            hashes, num_unhashed = routed.popleft()
+            self._unhashed[iid] -= num_unhashed
+            for h in hashes:
+                held[h] -= 1
+                if held[h] == 0:
+                    del held[h]
+
+    def record(self, instance_id: str, hashes: tuple[int, ...], num_unhashed: int = 0) -> None:
+        """A prompt sent to ``instance_id``: its hashed blocks and how many more it has."""
+        self._routed.setdefault(instance_id, deque()).append((hashes, num_unhashed))
+        self._held.setdefault(instance_id, Counter()).update(hashes)
+        self._unhashed[instance_id] = self._unhashed.get(instance_id, 0) + num_unhashed
+
+    def num_recorded(self, instance_id: str) -> int:
+        return len(self._routed.get(instance_id, ()))
+
+    def held(self, instance_id: str) -> Counter[int]:
+        """Hashed blocks of the queued prompts (read-only by contract), with counts."""
+        return self._held.setdefault(instance_id, Counter())
+
+    def num_unhashed(self, instance_id: str) -> int:
+        return self._unhashed.get(instance_id, 0)
+
+    def prefix_match(self, instance_id: str, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` that prompts queued on the instance compute."""
+        held = self._held.get(instance_id)
+        num_matched = 0
+        if held:
+            for h in hashes:
+                if h not in held:
+                    break
+                num_matched += 1
+        return num_matched

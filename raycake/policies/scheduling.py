@@ -11,6 +11,7 @@ cache-aware routers (``baseline_routers.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import Any
@@ -30,6 +31,7 @@ from raycake.policies.cluster_view import (
 from raycake.policies.estimates import (
     DecodeLoad,
     PrefillPlan,
+    QueuedPrefixBooks,
     decide_without_store,
     plan_prefill,
     predict_decode_load,
@@ -128,6 +130,15 @@ class CacheAwareScheduler:
 
     ``use_store=False`` restricts prefixes to instance-local caches (the paper's "local
     cache-aware" variant).
+
+    Queued prefixes (``count_queued_prefixes``): an instance's prefix hit is taken as the longer
+    of what it caches now and what the prompts it has queued will have computed by the time this
+    request starts there (prefill is first come, first served), from the policy's own record of
+    where it sent each ``prefix_hashes`` (``QueuedPrefixBooks``). Without it, while the first
+    request of a session or shared context waits in a queue, every follow-up looks uncached
+    everywhere, goes wherever the queue is shortest and computes the prefix again: under load
+    the hit rate collapses just when it matters most (SGLang's router, whose trees record where
+    it routed rather than what is cached, does not suffer this).
     """
 
     name = "cache_aware"
@@ -139,6 +150,7 @@ class CacheAwareScheduler:
         enable_early_rejection: bool = True,
         predictive_rejection: bool = False,
         use_store: bool = True,
+        count_queued_prefixes: bool = True,
     ) -> None:
         require_field(
             isinstance(balance_threshold, (int, float)) and 1.0 <= balance_threshold < math.inf,
@@ -150,13 +162,35 @@ class CacheAwareScheduler:
         self.enable_early_rejection = enable_early_rejection
         self.predictive_rejection = predictive_rejection
         self.use_store = use_store
+        self.count_queued_prefixes = count_queued_prefixes
+        self._queued = QueuedPrefixBooks()
+
+    def _as_it_will_be(self, request: RequestView, instance: PrefillInstanceView):
+        """The instance with the prefix its queued prompts will leave cached, if longer."""
+        if not self.count_queued_prefixes:
+            return instance
+        self._queued.sync(instance)
+        hashes = request.prefix_hashes[: request.num_reusable_prefix_blocks]
+        queued = self._queued.prefix_match(instance.instance_id, hashes)
+        if queued <= instance.cached_prefix_blocks:
+            return instance
+        return dataclasses.replace(instance, cached_prefix_blocks=queued)
+
+    def _queued_only_blocks(
+        self, request: RequestView, cluster: ClusterView, plan: PrefillPlan
+    ) -> int:
+        """Blocks of the plan's local prefix that the instance has only queued, not cached."""
+        view = next(p for p in cluster.prefill if p.instance_id == plan.instance_id)
+        planned = self._as_it_will_be(request, view).cached_prefix_blocks
+        reusable = request.num_reusable_prefix_blocks
+        return min(planned, reusable) - min(view.cached_prefix_blocks, reusable)
 
     def schedule(self, request: RequestView, cluster: ClusterView) -> ScheduleDecision | Rejection:
         plan = min(
             (
                 plan_prefill(
                     request,
-                    instance,
+                    self._as_it_will_be(request, instance),
                     cluster.transfer_bandwidth_bytes_per_s,
                     use_store=self.use_store,
                     balance_threshold=self.balance_threshold,
@@ -208,10 +242,21 @@ class CacheAwareScheduler:
                 )
         if best is None:
             best = min(candidates, key=lambda c: c[0])
+        if self.count_queued_prefixes:
+            # Only full blocks are cached; a trace's last id may name a partial one.
+            self._queued.record(
+                plan.instance_id, request.prefix_hashes[: request.num_prompt_blocks]
+            )
         return ScheduleDecision(
             prefill_instance_id=plan.instance_id,
             decode_instance_id=best[1].instance_id,
-            fetch_from_store_blocks=plan.fetch_from_store_blocks,
+            # Counted from the view's local blocks (the decision's contract); the instance
+            # skips those its queue will have computed, as planned.
+            fetch_from_store_blocks=(
+                plan.fetch_from_store_blocks + self._queued_only_blocks(request, cluster, plan)
+                if plan.fetch_from_store_blocks
+                else 0
+            ),
             predicted_ttft_s=ttft,
             predicted_tbt_s=best[0],
             predicted_prefill_s=plan.predicted_prefill_s,

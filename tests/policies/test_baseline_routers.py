@@ -296,10 +296,14 @@ def test_hot_prefix_herding_per_router():
     assert chosen[:3] == ["p0"] * 3
     assert queues == [53, 49, 49, 49]
     # Mooncake's conductor (local caches only) weighs queued seconds against the saving: p0
-    # takes 100 of 200, the other three share the rest evenly (and with the store, they
-    # would fetch the prefix instead: test_scheduling.py).
+    # takes two (0.094 s queued + 0.094 < 0.277 from scratch), p1 computes the prefix once,
+    # and from then on each instance counts the prefix its queue will leave cached: an even
+    # spread. Without those books p1..p3 recompute it for every request and p0 takes half.
     chosen, queues = _stream(CacheAwareScheduler(use_store=False), 200)
-    assert queues == [100, 34, 33, 33]
+    assert chosen[:6] == ["p0", "p0", "p1", "p2", "p3", "p0"]
+    assert queues == [51, 50, 50, 49]
+    blind = CacheAwareScheduler(use_store=False, count_queued_prefixes=False)
+    assert _stream(blind, 200)[1] == [100, 34, 33, 33]
 
 
 def test_built_from_config():

@@ -301,6 +301,36 @@ def test_hot_prefix_gets_replicated_through_the_store():
     assert max(Counter(instance for instance, _ in chosen).values()) <= 6
 
 
+def test_prefixes_queued_on_an_instance_count_as_cached_there():
+    # A session's first turn (64 blocks, hashes 0..63) is still queued on p1; its follow-up
+    # shares the first 48 blocks, which p1 will hold when the follow-up starts there. With
+    # 0.3 s queued on p1: 0.3 + 0.0941376 > 0.2772288 from scratch on idle p0, so p0; with
+    # 0.1 s queued: 0.1 + 0.0941376 wins on p1.
+    first = request(prefix_hashes=tuple(range(64)))
+    follow_up = request(prefix_hashes=tuple(range(48)) + tuple(range(100, 116)))
+    for queue_s, expected, ttft_s in (
+        (0.3, "p0", FROM_SCRATCH_S),
+        (0.1, "p1", 0.1 + WITH_PREFIX_S),
+    ):
+        policy = CacheAwareScheduler(use_store=False)
+        routed = policy.schedule(first, cluster([prefill("p1")]))
+        assert routed.prefill_instance_id == "p1"
+        view = cluster([prefill("p0"), prefill("p1", queue_s)])  # p1: num_queued 1
+        decision = policy.schedule(follow_up, view)
+        assert decision.prefill_instance_id == expected
+        assert decision.predicted_ttft_s == pytest.approx(ttft_s)
+    # Once p1 reports an empty queue the books forget the first turn (its blocks are in
+    # cached_prefix_blocks by then, if not evicted).
+    policy = CacheAwareScheduler(use_store=False)
+    policy.schedule(first, cluster([prefill("p1")]))
+    idle = cluster([prefill("p0"), prefill("p1")])
+    assert policy.schedule(follow_up, idle).prefill_instance_id == "p0"  # a tie: first listed
+    blind = CacheAwareScheduler(use_store=False, count_queued_prefixes=False)
+    blind.schedule(first, cluster([prefill("p1")]))
+    view = cluster([prefill("p0"), prefill("p1", 0.1)])
+    assert blind.schedule(follow_up, view).prefill_instance_id == "p0"
+
+
 def test_views_are_validated_and_left_unchanged():
     with pytest.raises(
         ValueError, match=r"cluster.prefill: expected at least one prefill instance"

@@ -1,0 +1,120 @@
+"""benchmarks/scheduling_study.py on a tiny generated trace: the table's columns and numbers hang
+together, and the goals are computed as stated (checked on hand-built rows)."""
+
+from __future__ import annotations
+
+import pytest
+
+import benchmarks.scheduling_study as study
+from raycake.cluster.traces import SyntheticTraceConfig, generate_trace, write_trace
+
+
+def test_study_runs_every_policy_at_every_rate():
+    trace = generate_trace(
+        SyntheticTraceConfig(num_requests=120, rate_per_s=2.0, agent_share=0.4, seed=3)
+    )
+    config = study.cluster_config(num_prefill=2, num_decode=2)
+    rows, results = study.run_study({"tiny": trace}, [1.0, 4.0], config, log=lambda _: None)
+    factories = study.policy_factories()
+    assert list(factories) == [
+        "random",
+        "round_robin",
+        "least_loaded",
+        "sglang_cache_aware",
+        "dynamo_kv",
+        "cache_aware local",
+        "cache_aware local+early",
+        "cache_aware local+predictive",
+        "cache_aware global",
+        "cache_aware global+early",
+        "cache_aware global+predictive",
+    ]
+    assert len(rows) == len(results) == 2 * len(factories)
+    for row in rows:
+        assert list(row) == study.COLUMNS
+        assert row["requests"] == 120
+        assert row["within_slo"] == round(row["within_slo_share"] * 120)
+        assert 0 <= row["within_slo"] <= row["requests"] - row["rejected"]
+        assert 0 <= row["cache_hit_rate"] <= 1
+        if "early" not in row["policy"] and "predictive" not in row["policy"]:
+            assert row["rejected"] == 0  # no admission control
+        summary = results[(row["trace"], row["policy"], row["rate"])].summary
+        assert row["goodput_rps"] == summary.goodput_rps
+    # Random ignores caches; the global store only adds hits at the same rate.
+    hit = {(r["policy"], r["rate"]): r["cache_hit_rate"] for r in rows}
+    assert hit[("cache_aware global", 1.0)] >= hit[("random", 1.0)]
+    checks = study.check_goals(rows)
+    assert [c.goal.split(" serves")[0].split(" >=")[0] for c in checks] == [
+        "conductor (global + early rejection)",
+        "without admission control (global)",
+        "global-store hit rate",
+    ]
+
+
+def _rows(within: dict[tuple[str, float], int], hits: dict[tuple[str, float], float]) -> list:
+    rows = []
+    for (policy, rate), count in within.items():
+        rows.append(
+            {
+                "trace": "t",
+                "policy": policy,
+                "rate": rate,
+                "requests": 100,
+                "within_slo": count,
+                "within_slo_share": count / 100,
+                "cache_hit_rate": hits.get((policy, rate), 0.0),
+            }
+        )
+    return rows
+
+
+def _hand_built(best_other_at_2: int, conductor_at_2: int, local_hit_at_2: float) -> list:
+    within, hits = {}, {}
+    for rate, best in ((1.0, 95), (2.0, best_other_at_2)):
+        for policy in study.OTHERS:
+            within[(policy, rate)] = best if policy == "dynamo_kv" else best - 10
+        for store in ("local", "global"):
+            for suffix in ("", "+early", "+predictive"):
+                name = f"cache_aware {store}{suffix}"
+                within[(name, rate)] = conductor_at_2 if rate == 2.0 else 99
+                hits[(name, rate)] = 0.5 if store == "global" else 0.4
+    within[("cache_aware global", 2.0)] = best_other_at_2  # no edge without admission control
+    hits[("cache_aware local+early", 2.0)] = local_hit_at_2
+    return _rows(within, hits)
+
+
+def test_goals_at_the_rate_where_the_others_start_failing():
+    # At x1 the best other (dynamo_kv) meets both SLOs for 95% (not failing); at x2 for 50%.
+    checks = study.check_goals(_hand_built(50, 60, 0.4))
+    assert [c.passed for c in checks] == [True, False, True]
+    assert "at x2 (best other dynamo_kv: 50 of 100, 50.0%)" in checks[0].detail
+    assert "cache_aware global+early: 60 (60.0%), ratio 1.20" in checks[0].detail
+    assert "ratio 1.00" in checks[1].detail
+    assert "smallest margin at x1 (no rejection): global 50.0% vs local 40.0%" in checks[2].line()
+    # 59 is under 1.2 x 50; a local-only hit rate over the global one fails goal 2 and says where.
+    checks = study.check_goals(_hand_built(50, 59, 0.55))
+    assert [c.passed for c in checks] == [False, False, False]
+    assert checks[2].detail.endswith("below at x2+early")
+    assert checks[0].line().startswith("FAIL [t] conductor (global + early rejection)")
+
+
+def test_goal_fails_when_no_rate_makes_the_others_fail():
+    checks = study.check_goals(_hand_built(90, 99, 0.4))
+    assert not checks[0].passed
+    assert "no swept rate makes the others fail (best >= 90% within SLO up to x2)" in (
+        checks[0].detail
+    )
+
+
+def test_traces_load_and_a_missing_mooncake_trace_is_skipped(tmp_path, monkeypatch, capsys):
+    path = write_trace(
+        generate_trace(SyntheticTraceConfig(num_requests=5, seed=1)), tmp_path / "mine.jsonl"
+    )
+    monkeypatch.setattr(study, "MOONCAKE_TRACE", tmp_path / "absent.jsonl")
+    args = study.parse_args(["--trace", str(path), "--no-generated", "--rates", "2", "1", "2"])
+    assert args.rates == [1.0, 2.0]
+    traces = study.load_traces(args)
+    assert list(traces) == ["mine"] and traces["mine"].num_rows == 5
+    assert "skipping the Mooncake synthetic trace" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        study.parse_args(["--rates", "0"])
