@@ -139,8 +139,7 @@ class SpecDecodeRunner(ModelRunner):
             return RunnerOutput(sampled_token_ids={})
         started = time.perf_counter()
         drafting = list(out.num_draft_tokens)
-        self._extend_head(drafting)
-        caught_up = time.perf_counter()
+        caught_up_tokens = self._extend_head(drafting)
         self.trees = self._draft(out.num_draft_tokens)
         for rid, tree in self.trees.items():
             if tree.num_nodes > out.num_draft_tokens[rid]:
@@ -169,13 +168,14 @@ class SpecDecodeRunner(ModelRunner):
                     out.total_num_scheduled_tokens, verified - drafted
                 )
             if self.trees:
-                # A tree of depth d takes d - 1 expansions (the first depth comes with the
-                # root); the catch-up forward is about one more, except when it covers a
-                # whole prompt, so it is left out of the per-depth cost.
+                # Drafting d deep costs a catch-up forward, the root's logits and d - 1
+                # expansions: about d head forwards, the policy's unit. A catch-up over many
+                # tokens (a whole prompt, or after steps without drafts) is not a steady
+                # step's, so that step is left out.
                 depth = max(max(t.depths, default=1) for t in self.trees.values())
-                if depth > 1:
-                    per_depth = (drafted - caught_up) / (depth - 1)
-                    self.controller.observe_draft_step(len(self.trees), per_depth)
+                steady = 2 * (self.spec.max_depth + 1) * len(self.trees)
+                if caught_up_tokens <= steady:
+                    self.controller.observe_draft_step(len(self.trees), (drafted - started) / depth)
                 self._account_speedup(out, sampled, verified - started)
         return RunnerOutput(sampled_token_ids=sampled)
 
@@ -249,8 +249,9 @@ class SpecDecodeRunner(ModelRunner):
 
     # ---- the draft head --------------------------------------------------------------------
 
-    def _extend_head(self, request_ids: list[str]) -> None:
-        """Write the head's entries for every newly committed token (feature at p - 1, token p)."""
+    def _extend_head(self, request_ids: list[str]) -> int:
+        """Write the head's entries for every newly committed token (feature at p - 1, token p);
+        returns how many entries were written."""
         tokens: list[int] = []
         positions: list[int] = []
         feature_slots: list[int] = []
@@ -284,7 +285,7 @@ class SpecDecodeRunner(ModelRunner):
             if last == len(state.token_ids) - 1:
                 roots.append((rid, len(tokens) - 1))
         if not tokens:
-            return
+            return 0
         device = self.device
         meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
         out = self.head(
@@ -297,6 +298,7 @@ class SpecDecodeRunner(ModelRunner):
         )  # [T', E]
         for rid, row in roots:
             self.head_states[rid].root_feature = out[row]
+        return len(tokens)
 
     def tree_shape(self, budget: int) -> tuple[int, int]:
         """(depth, width) of the tree grown for a budget of ``budget`` nodes: as deep as allowed,
