@@ -19,7 +19,8 @@ class PrefillWork:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    # Leading prompt blocks to read from the KV store instead of computing (0: none).
+    # Prompt blocks to read from the KV store instead of computing, after the ones the
+    # instance holds locally (0: none); the conductor's ScheduleDecision.fetch_from_store_blocks.
     fetch_from_store_blocks: int = 0
     # W3C trace context of the request's span, so this stage's span joins the same trace.
     trace_context: dict[str, str] = field(default_factory=dict)

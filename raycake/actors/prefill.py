@@ -47,11 +47,10 @@ class PrefillInstance(EngineInstance):
             hashes = self.engine.prefix_block_hashes(work.prompt_token_ids)
             local = self.engine.num_cached_prefix_blocks(hashes)
             from_store, fetch_seconds = 0, 0.0
-            if self.store_shards and work.fetch_from_store_blocks > local:
+            if self.store_shards and work.fetch_from_store_blocks > 0:
                 fetch_started = time.perf_counter()
-                from_store = await self._fetch_from_store(
-                    hashes[local : work.fetch_from_store_blocks]
-                )
+                end = min(local + work.fetch_from_store_blocks, len(hashes))
+                from_store = await self._fetch_from_store(hashes[local:end])
                 fetch_seconds = time.perf_counter() - fetch_started
             rid = self.engine.add_request(
                 work.prompt_token_ids,

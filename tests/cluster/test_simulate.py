@@ -222,7 +222,7 @@ def test_unlimited_store_reaches_the_reuse_ceiling_at_low_load():
 
 def test_early_rejection_rejects_under_overload_only():
     light = _synthetic(num_requests=800, rate=6.0)
-    heavy = speed_up(light, 10.0)
+    heavy = speed_up(light, 20.0)
     config = _roofline_config(ttft_slo_s=5.0)
     assert simulate(light, policy_from_name("cache_aware"), config).summary.num_rejected == 0
     overloaded = simulate(heavy, policy_from_name("cache_aware"), config)
