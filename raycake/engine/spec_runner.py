@@ -168,14 +168,12 @@ class SpecDecodeRunner(ModelRunner):
                     out.total_num_scheduled_tokens, verified - drafted
                 )
             if self.trees:
-                # Drafting d deep costs a catch-up forward, the root's logits and d - 1
-                # expansions: about d head forwards, the policy's unit. A catch-up over many
-                # tokens (a whole prompt, or after steps without drafts) is not a steady
-                # step's, so that step is left out.
+                # A catch-up over many tokens (a whole prompt, or after steps without drafts)
+                # is not a steady step's, so that step's drafting time is left out.
                 depth = max(max(t.depths, default=1) for t in self.trees.values())
                 steady = 2 * (self.spec.max_depth + 1) * len(self.trees)
                 if caught_up_tokens <= steady:
-                    self.controller.observe_draft_step(len(self.trees), (drafted - started) / depth)
+                    self.controller.observe_drafting(depth, len(self.trees), drafted - started)
                 self._account_speedup(out, sampled, verified - started)
         return RunnerOutput(sampled_token_ids=sampled)
 

@@ -128,15 +128,24 @@ class SpecCostView:
         tokens of the step, 1 + drafts per request)
     draft_seconds(seqs)    = draft_fixed_s + draft_per_seq_s * seqs          (one draft step over
         the ``seqs`` requests still drafting; a budget of k takes k such steps)
+    plus ``draft_setup_s`` once in a step in which anyone drafts (the draft model catching up
+    on the tokens accepted since its last step, before the first draft step).
     """
 
     target_fixed_s: float
     target_per_token_s: float
     draft_fixed_s: float
     draft_per_seq_s: float = 0.0
+    draft_setup_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("target_fixed_s", "target_per_token_s", "draft_fixed_s", "draft_per_seq_s"):
+        for name in (
+            "target_fixed_s",
+            "target_per_token_s",
+            "draft_fixed_s",
+            "draft_per_seq_s",
+            "draft_setup_s",
+        ):
             value = getattr(self, name)
             _require(
                 _is_number(value) and value >= 0,
@@ -278,7 +287,7 @@ class FixedSpeculation:
 class AdaptiveSpeculation:
     """Budgets that maximize predicted goodput (emitted tokens per second) of the whole step.
 
-    goodput(k) = sum_i E_i[emitted | k_i] / (target_seconds(sum_i (1 + k_i))
+    goodput(k) = sum_i E_i[emitted | k_i] / (target_seconds(sum_i (1 + k_i)) + draft_setup_s
                                               + sum_{j=1..max k} draft_seconds(#{i: k_i >= j}))
 
     For each draft depth cap d = 0..max_draft_tokens, Dinkelbach's iteration finds the best
@@ -369,6 +378,8 @@ def goodput(
         for r, k in zip(requests, budgets, strict=True)
     )
     seconds = cost.target_seconds(len(budgets) + sum(budgets))
+    if max(budgets, default=0) > 0:
+        seconds += cost.draft_setup_s
     for depth in range(1, max(budgets, default=0) + 1):
         seconds += cost.draft_seconds(sum(1 for k in budgets if k >= depth))
     return emitted / seconds

@@ -4,7 +4,7 @@
 -> draft tokens): it builds each request's view from an ``AcceptanceTracker``, the step costs
 from measured timings (``LinearTimingFit``; a prior until measured), asks the policy and keeps
 the decision for metrics (``last_decision``, ``metrics()``). The runner reports back with
-``observe_verify`` / ``observe_target_step`` / ``observe_draft_step`` and ``forget``.
+``observe_verify`` / ``observe_target_step`` / ``observe_drafting`` and ``forget``.
 Pure Python: no torch, no Ray.
 """
 
@@ -235,8 +235,8 @@ class SpeculationController:
         self.tracker = tracker or AcceptanceTracker()
         self.prior_cost = prior_cost
         self.explore_every, self.probe_tokens = explore_every, probe_tokens
-        self.target_timing = LinearTimingFit()
-        self.draft_timing = LinearTimingFit()
+        self.target_timing = LinearTimingFit()  # seconds by query tokens of a decode step
+        self.draft_timing = LinearTimingFit()  # seconds of a step's drafting by tree depth
         self.last_decision: SpeculationDecision | None = None
         self.num_steps = 0
         # Steps in which at least one request speculated (probes included), and probes.
@@ -265,17 +265,20 @@ class SpeculationController:
                 target = (max(0.0, mean_s - prior.target_per_token_s * mean_size), target[1])
         if target[0] + target[1] <= 0:
             target = (prior.target_fixed_s, prior.target_per_token_s)
+        # Drafting d deep: a setup (the head catching up, the root's logits) plus d - 1
+        # expansions, fitted as setup + per_depth x d over the depths seen.
         draft = self.draft_timing.fit()
         if draft is None:
-            draft = (prior.draft_fixed_s, prior.draft_per_seq_s)
-            mean_s, mean_size = self.draft_timing.mean_seconds, self.draft_timing.mean_size
-            if mean_s is not None and mean_size is not None:
-                draft = (max(0.0, mean_s - prior.draft_per_seq_s * mean_size), draft[1])
+            draft = (prior.draft_setup_s, prior.draft_fixed_s)
+            mean_s, mean_depth = self.draft_timing.mean_seconds, self.draft_timing.mean_size
+            if mean_s is not None and mean_depth:
+                draft = (0.0, mean_s / mean_depth)
         return SpecCostView(
             target_fixed_s=target[0],
             target_per_token_s=target[1],
-            draft_fixed_s=draft[0],
-            draft_per_seq_s=draft[1],
+            draft_fixed_s=draft[1],
+            draft_per_seq_s=0.0,
+            draft_setup_s=draft[0],
         )
 
     def budget_for(self, request_ids: list[str]) -> dict[str, int]:
@@ -304,10 +307,15 @@ class SpeculationController:
         """A target forward over ``num_tokens`` query tokens (decodes + drafts) took ``seconds``."""
         self.target_timing.observe(num_tokens, seconds)
 
-    def observe_draft_step(self, num_seqs: int, seconds: float) -> None:
-        """One draft-head step (one token per request deeper) over ``num_seqs`` requests took
-        ``seconds``."""
-        self.draft_timing.observe(num_seqs, seconds)
+    def observe_drafting(self, depth: int, num_seqs: int, seconds: float) -> None:
+        """Drafting trees ``depth`` deep for ``num_seqs`` requests took ``seconds`` in all.
+
+        NOTE: the fit is over depth only and decays, so it follows the batch sizes of recent
+        steps rather than modelling the number of requests.
+        """
+        _require(_is_count(depth, 1), "depth", "an integer >= 1", depth)
+        _require(_is_count(num_seqs, 1), "num_seqs", "an integer >= 1", num_seqs)
+        self.draft_timing.observe(depth, seconds)
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from raycake.config import SpeculativeConfig
-from raycake.policies.speculation import SpecCostView, SpecRequestView
+from raycake.policies.speculation import (
+    SpecCostView,
+    SpecRequestView,
+    expected_emitted_tokens,
+    goodput,
+)
 from raycake.policies.speculation_controller import (
     AcceptanceTracker,
     LinearTimingFit,
@@ -70,7 +75,7 @@ def test_adaptive_controller_follows_measured_costs_and_acceptance():
     # Measured: a compute-bound target (5 ms + 0.2 ms per token) and 1 ms draft steps.
     for tokens in (1, 4, 16, 64, 256, 1024):
         controller.observe_target_step(tokens, 0.005 + tokens * 2e-4)
-        controller.observe_draft_step(tokens, 0.001)
+        controller.observe_drafting(4, 1, 0.004)
     cost = controller.cost()
     assert cost.target_fixed_s == pytest.approx(0.005, rel=1e-6)
     assert cost.target_per_token_s == pytest.approx(2e-4, rel=1e-6)
@@ -110,7 +115,7 @@ def test_adaptive_controller_probes_after_a_long_quiet_spell():
     controller.explore_every, controller.probe_tokens = 32, 5
     for tokens in (1, 8, 64):  # drafts cost as much as target steps: never worth it
         controller.observe_target_step(tokens, 0.001 * tokens)
-        controller.observe_draft_step(1, 0.01)
+        controller.observe_drafting(1, 1, 0.01)
     ids = ["a", "b"]
     probes = []
     for step in range(1, 97):
@@ -123,6 +128,27 @@ def test_adaptive_controller_probes_after_a_long_quiet_spell():
     # The fixed policy decides without measurements: it never probes.
     fixed = SpeculationController.from_config(SpeculativeConfig(draft_model="h", policy="off"))
     assert fixed.explore_every is None
+
+
+def test_drafting_cost_is_a_setup_plus_a_cost_per_depth():
+    """Trees of several depths fit setup + per_depth x depth; the policy then pays the setup once
+    per step, so a deep chain is not priced as depth x (setup + per_depth)."""
+    controller = SpeculationController.from_config(
+        SpeculativeConfig(draft_model="h", policy="adaptive", num_draft_tokens=6, max_depth=6)
+    )
+    controller.observe_drafting(2, 1, 0.005)  # one depth only: its mean per depth, no setup
+    assert (controller.cost().draft_setup_s, controller.cost().draft_fixed_s) == (0.0, 0.0025)
+    for depth in (1, 2, 4, 6):
+        controller.observe_drafting(depth, 1, 0.003 + 0.001 * depth)
+    cost = controller.cost()
+    assert cost.draft_setup_s == pytest.approx(0.003, rel=1e-3)
+    assert cost.draft_fixed_s == pytest.approx(0.001, rel=1e-3)
+    views = [SpecRequestView("r", 0.9)]
+    assert goodput(views, [6], cost) == pytest.approx(
+        expected_emitted_tokens(0.9, 6) / (cost.target_seconds(7) + 0.003 + 6 * 0.001), rel=1e-3
+    )
+    with pytest.raises(ValueError, match="depth: expected an integer >= 1"):
+        controller.observe_drafting(0, 1, 0.001)
 
 
 def test_controller_cost_before_and_after_one_size():
