@@ -14,6 +14,9 @@ accepted independently with rate ``alpha`` given its predecessors were), so a bu
 ``E[emitted] = 1 + alpha + ... + alpha**k = (1 - alpha**(k+1)) / (1 - alpha)`` tokens per step.
 With a tree of k nodes the engine does at least as well as a chain of k, so the model is
 conservative there. ``speculation_controller.AcceptanceTracker`` fits ``alpha`` per request.
+When a view carries ``depth_acceptance`` (the conditional rate at each depth: drafts that follow
+accepted ones are accepted more often than the first, since easy stretches of text come in
+runs), draft token j's expected gain is the product of the first j rates instead of alpha**j.
 
 Pure Python: no torch, no Ray.
 """
@@ -99,6 +102,9 @@ class SpecRequestView:
     # Tokens the request may still emit (max_tokens minus generated); None: unbounded. A budget
     # never exceeds tokens_left - 1, since one step emits at most budget + 1 tokens.
     tokens_left: int | None = None
+    # Entry j - 1: P(draft j accepted | drafts 1..j-1 accepted); deeper drafts use the last
+    # entry. Empty: every depth at ``acceptance_rate``.
+    depth_acceptance: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _require(
@@ -114,6 +120,30 @@ class SpecRequestView:
                 "an integer >= 1 or None",
                 self.tokens_left,
             )
+        _require(
+            isinstance(self.depth_acceptance, tuple)
+            and all(_is_number(r) and 0.0 <= r <= 1.0 for r in self.depth_acceptance),
+            f"SpecRequestView({self.request_id!r}).depth_acceptance",
+            "a tuple of numbers in [0, 1]",
+            self.depth_acceptance,
+        )
+
+    def draft_gains(self, num_draft_tokens: int) -> list[float]:
+        """Expected extra tokens from each of the first ``num_draft_tokens`` drafts: draft j is
+        emitted only if it and every draft before it is accepted (nonincreasing in j)."""
+        gains, reach = [], 1.0
+        for j in range(num_draft_tokens):
+            if self.depth_acceptance:
+                rate = self.depth_acceptance[min(j, len(self.depth_acceptance) - 1)]
+            else:
+                rate = self.acceptance_rate
+            reach *= min(rate, MAX_ACCEPTANCE_RATE)
+            gains.append(reach)
+        return gains
+
+    def expected_emitted(self, num_draft_tokens: int) -> float:
+        """Tokens one verify step with this budget emits on average (drafts + the bonus)."""
+        return 1.0 + sum(self.draft_gains(num_draft_tokens))
 
     @property
     def max_useful_draft_tokens(self) -> int | None:
@@ -325,10 +355,12 @@ class AdaptiveSpeculation:
         plain = {r.request_id: 0 for r in requests}
         if not requests:
             return SpeculationDecision(self.name, plain, 0.0, 0.0)
-        plain_goodput = goodput(requests, [0] * len(requests), cost)
+        # Per request: each draft's expected gain, and the most drafts that can be used.
+        gains = [r.draft_gains(_cap(self.max_draft_tokens, r)) for r in requests]
+        plain_goodput = _goodput(gains, [0] * len(requests), cost)
         best_budgets, best_goodput = [0] * len(requests), plain_goodput
         for cap in range(1, self.max_draft_tokens + 1):
-            budgets, value = self._best_under_cap(requests, cost, cap, plain_goodput)
+            budgets, value = _best_under_cap(gains, cost, cap, plain_goodput)
             if value > best_goodput:
                 best_budgets, best_goodput = budgets, value
         if best_goodput < plain_goodput * (1.0 + self.min_relative_gain):
@@ -340,49 +372,50 @@ class AdaptiveSpeculation:
             plain_goodput,
         )
 
-    @staticmethod
-    def _best_under_cap(
-        requests: Sequence[SpecRequestView], cost: SpecCostView, cap: int, start: float
-    ) -> tuple[list[int], float]:
-        price_per_token = cost.target_per_token_s + cost.draft_per_seq_s
-        best, best_value = [0] * len(requests), start
-        g = start
-        for _ in range(50):
-            threshold = g * price_per_token
-            budgets = [
-                _cap(_budget_at_price(r.acceptance_rate, threshold, cap), r) for r in requests
-            ]
-            value = goodput(requests, budgets, cost)
-            if value <= best_value * (1 + 1e-12):
-                break
-            best, best_value, g = budgets, value, value
-        return best, best_value
+
+def _best_under_cap(
+    gains: list[list[float]], cost: SpecCostView, cap: int, start: float
+) -> tuple[list[int], float]:
+    price_per_token = cost.target_per_token_s + cost.draft_per_seq_s
+    best, best_value = [0] * len(gains), start
+    g = start
+    for _ in range(50):
+        threshold = g * price_per_token
+        budgets = [_budget_at_price(request_gains[:cap], threshold) for request_gains in gains]
+        value = _goodput(gains, budgets, cost)
+        if value <= best_value * (1 + 1e-12):
+            break
+        best, best_value, g = budgets, value, value
+    return best, best_value
 
 
-def _budget_at_price(acceptance_rate: float, threshold: float, cap: int) -> int:
-    """The largest k <= cap whose k-th draft token's expected gain alpha**k exceeds threshold."""
-    alpha = min(acceptance_rate, MAX_ACCEPTANCE_RATE)
-    if alpha <= 0.0 or alpha <= threshold:
-        return 0
-    if threshold <= 0.0:
-        return cap
-    return min(cap, max(0, math.ceil(math.log(threshold) / math.log(alpha)) - 1))
+def _budget_at_price(gains: list[float], threshold: float) -> int:
+    """The most drafts whose last one's expected gain exceeds threshold (gains nonincreasing)."""
+    budget = 0
+    for k, gain in enumerate(gains, start=1):
+        if gain <= threshold:
+            break
+        budget = k
+    return budget
 
 
-def goodput(
-    requests: Sequence[SpecRequestView], budgets: Sequence[int], cost: SpecCostView
-) -> float:
-    """Predicted emitted tokens per second of one step with these budgets."""
-    emitted = sum(
-        expected_emitted_tokens(min(r.acceptance_rate, MAX_ACCEPTANCE_RATE), k)
-        for r, k in zip(requests, budgets, strict=True)
-    )
+def _goodput(gains: list[list[float]], budgets: Sequence[int], cost: SpecCostView) -> float:
+    emitted = sum(1.0 + sum(g[:k]) for g, k in zip(gains, budgets, strict=True))
     seconds = cost.target_seconds(len(budgets) + sum(budgets))
     if max(budgets, default=0) > 0:
         seconds += cost.draft_setup_s
     for depth in range(1, max(budgets, default=0) + 1):
         seconds += cost.draft_seconds(sum(1 for k in budgets if k >= depth))
     return emitted / seconds
+
+
+def goodput(
+    requests: Sequence[SpecRequestView], budgets: Sequence[int], cost: SpecCostView
+) -> float:
+    """Predicted emitted tokens per second of one step with these budgets."""
+    return _goodput(
+        [r.draft_gains(k) for r, k in zip(requests, budgets, strict=True)], budgets, cost
+    )
 
 
 # --- Registry ---------------------------------------------------------------------------------

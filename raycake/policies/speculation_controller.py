@@ -11,7 +11,7 @@ Pure Python: no torch, no Ray.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raycake.config import SpeculativeConfig
@@ -47,6 +47,22 @@ class _Acceptance:
     accepted: float
     rejected: float
     mean_emitted: float | None = None
+    # Per depth j (entry j - 1): [accepted, reached] decayed counts, where a draft at depth j
+    # is reached when every draft before it was accepted.
+    depths: list[list[float]] = field(default_factory=list)
+
+
+def _count_depths(depths: list[list[float]], drafted: int, accepted: int, decay: float) -> None:
+    """Decay ``depths`` and add one verify step's outcome at each depth it reached."""
+    for counts in depths:
+        counts[0] *= decay
+        counts[1] *= decay
+    reached = min(accepted + 1, drafted)
+    while len(depths) < reached:
+        depths.append([0.0, 0.0])
+    for j in range(reached):
+        depths[j][0] += j < accepted
+        depths[j][1] += 1.0
 
 
 class AcceptanceTracker:
@@ -60,6 +76,12 @@ class AcceptanceTracker:
     ``prior_rate`` until anything is observed; with ``learn_prior`` it is then the rate over all
     requests (counts decayed by ``prior_decay`` per step), since a head that is good for the
     requests so far is likely good for the next one.
+
+    With ``learn_prior`` the tracker also keeps acceptance per depth (``depth_acceptance``):
+    the rate at which a draft at depth j is accepted once the drafts before it were. On text
+    the first draft is the hardest (runs of easy tokens follow each other), so the geometric
+    model fitted on shallow drafts would undervalue deep ones. Each request's per-depth rates
+    start from all requests' (worth ``prior_weight`` steps) and follow its own outcomes.
     """
 
     def __init__(
@@ -91,6 +113,7 @@ class AcceptanceTracker:
         self._all = _Acceptance(
             accepted=prior_rate * prior_weight, rejected=(1 - prior_rate) * prior_weight
         )
+        self._all_depths: list[list[float]] = []
 
     @property
     def current_prior_rate(self) -> float:
@@ -119,6 +142,8 @@ class AcceptanceTracker:
                 accepted=rate * self.prior_weight, rejected=(1 - rate) * self.prior_weight
             )
         rejected = float(num_accepted < num_draft_tokens)
+        _count_depths(state.depths, num_draft_tokens, num_accepted, self.decay)
+        _count_depths(self._all_depths, num_draft_tokens, num_accepted, self.prior_decay)
         state.accepted = self.decay * state.accepted + num_accepted
         state.rejected = self.decay * state.rejected + rejected
         self._all.accepted = self.prior_decay * self._all.accepted + num_accepted
@@ -142,8 +167,29 @@ class AcceptanceTracker:
         state = self._state.get(request_id)
         return None if state is None else state.mean_emitted
 
+    def depth_acceptance(self, request_id: str) -> tuple[float, ...]:
+        """The request's acceptance rate at each depth seen so far (any request's); () without
+        ``learn_prior`` or before any observation."""
+        if not self.learn_prior:
+            return ()
+        state = self._state.get(request_id)
+        own = state.depths if state is not None else []
+        rates = []
+        for j, (accepted, reached) in enumerate(self._all_depths):
+            # All requests' rate, itself starting from the prior rate (one step's worth).
+            shared = (accepted + self.prior_rate) / (reached + 1.0)
+            mine_accepted, mine_reached = own[j] if j < len(own) else (0.0, 0.0)
+            weight = self.prior_weight
+            rates.append((mine_accepted + weight * shared) / (mine_reached + weight))
+        return tuple(rates)
+
     def view(self, request_id: str, tokens_left: int | None = None) -> SpecRequestView:
-        return SpecRequestView(request_id, self.acceptance_rate(request_id), tokens_left)
+        return SpecRequestView(
+            request_id,
+            self.acceptance_rate(request_id),
+            tokens_left,
+            self.depth_acceptance(request_id),
+        )
 
     def forget(self, request_id: str) -> None:
         """Drop a finished or aborted request."""
@@ -215,8 +261,9 @@ class SpeculationController:
     ``explore_every``: after that many steps in a row in which the policy drafted for nobody,
     one request (in turn) gets a probe budget of ``probe_tokens`` for a step, so acceptance and
     draft costs measured long ago (or under other load) cannot keep speculation off for good.
-    A probe costs one request's drafts once per ``explore_every`` steps. None: never probe
-    (the fixed and off policies decide without measurements).
+    A probe costs one request's drafts once per ``explore_every`` steps. Likewise after that
+    many steps with drafts (or 8 while the target's cost per token is undetermined) one step
+    runs plain. None: never probe (the fixed and off policies decide without measurements).
     """
 
     def __init__(
@@ -242,7 +289,9 @@ class SpeculationController:
         # Steps in which at least one request speculated (probes included), and probes.
         self.num_speculating_steps = 0
         self.num_probe_steps = 0
+        self.num_plain_probe_steps = 0
         self._quiet_steps = 0  # steps in a row without drafts
+        self._busy_steps = 0  # steps in a row with drafts
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig) -> SpeculationController:
@@ -289,14 +338,25 @@ class SpeculationController:
         self.num_steps += 1
         budgets = dict(decision.draft_tokens)
         if decision.num_speculating == 0 and request_ids:
+            self._busy_steps = 0
             self._quiet_steps += 1
             if self.explore_every is not None and self._quiet_steps >= self.explore_every:
                 probe = request_ids[self.num_probe_steps % len(request_ids)]
                 budgets[probe] = self.probe_tokens
                 self.num_probe_steps += 1
                 self._quiet_steps = 0
-        else:
+        elif request_ids:
             self._quiet_steps = 0
+            self._busy_steps += 1
+            # The mirror image: a plain step now and then, so the target's cost per token is
+            # measured at two step sizes (drafting every step, all steps are one size).
+            undetermined = self.target_timing.fit() is None and self._busy_steps >= 8
+            if self.explore_every is not None and (
+                undetermined or self._busy_steps >= self.explore_every
+            ):
+                budgets = dict.fromkeys(budgets, 0)
+                self.num_plain_probe_steps += 1
+                self._busy_steps = 0
         self.num_speculating_steps += any(k > 0 for k in budgets.values())
         return budgets
 
@@ -326,4 +386,5 @@ class SpeculationController:
         out["spec_policy_steps"] = float(self.num_steps)
         out["spec_policy_speculating_steps"] = float(self.num_speculating_steps)
         out["spec_policy_probe_steps"] = float(self.num_probe_steps)
+        out["spec_policy_plain_probe_steps"] = float(self.num_plain_probe_steps)
         return out

@@ -179,3 +179,48 @@ def test_bad_inputs_name_the_field(build, field):
 
 def test_view_is_a_request_view():
     assert isinstance(AcceptanceTracker().view("x"), SpecRequestView)
+
+
+def test_depth_acceptance_follows_runs_of_accepted_drafts():
+    """First drafts rejected half the time, later ones almost never once reached: the per-depth
+    rates show it, and the policy's expected gain of deep drafts follows them (not alpha**j)."""
+    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=1.0, prior_decay=1.0)
+    assert tracker.depth_acceptance("r") == ()
+    for _ in range(50):
+        tracker.observe("r", 6, 6)  # the whole chain
+        tracker.observe("r", 6, 0)  # the first draft rejected
+    # Depth 1: reached 100 times, accepted 50; depths 2..6: reached 50 times, all accepted.
+    shared = [(50 + 0.6) / 101] + [(50 + 0.6) / 51] * 5
+    rates = tracker.depth_acceptance("r")
+    for got, own, all_ in zip(rates, [50 / 100] + [1.0] * 5, shared, strict=True):
+        own_accepted, own_reached = (50, 100) if own == 0.5 else (50, 50)
+        assert got == pytest.approx((own_accepted + 4 * all_) / (own_reached + 4))
+    # A newcomer starts from all requests' per-depth rates.
+    assert tracker.depth_acceptance("new") == pytest.approx(tuple(shared))
+    view = tracker.view("r")
+    assert view.depth_acceptance == rates
+    # The geometric rate overprices the first draft and underprices deep ones.
+    alpha, gains = view.acceptance_rate, view.draft_gains(6)
+    assert gains[0] < 0.6 < alpha and gains[-1] > alpha**6
+    assert view.expected_emitted(6) == pytest.approx(1 + sum(view.draft_gains(6)))
+    learned_off = AcceptanceTracker(learn_prior=False)
+    learned_off.observe("r", 4, 2)
+    assert learned_off.view("r").depth_acceptance == ()
+
+
+def test_adaptive_controller_runs_a_plain_step_to_measure_the_cost_per_token():
+    controller = SpeculationController.from_config(
+        SpeculativeConfig(draft_model="h", policy="adaptive", num_draft_tokens=4, max_depth=4)
+    )
+    for _ in range(10):
+        controller.observe_verify("a", 4, 4)
+    plain_steps = []
+    for step in range(1, 21):
+        budgets = controller.budget_for(["a"])
+        if budgets == {"a": 0}:
+            plain_steps.append(step)
+        # Every step drafts 4: a single size, so the slope stays undetermined.
+        controller.observe_target_step(1 + budgets["a"], 0.004 + 0.0005 * budgets["a"])
+    assert plain_steps[0] == 8  # the 8th step in a row with drafts runs plain
+    assert controller.target_timing.fit() == pytest.approx((0.004, 0.0005), rel=1e-6)
+    assert controller.metrics()["spec_policy_plain_probe_steps"] == len(plain_steps) == 1
