@@ -299,8 +299,8 @@ class SpeculationController:
         if policy.name != "adaptive":
             return cls(policy)
         # A probe's cost is mostly the head catching up on the request's sequence, so a
-        # short draft teaches as much as a deep one; rare enough to stay under 1% at any batch.
-        return cls(policy, explore_every=128, probe_tokens=min(2, config.num_draft_tokens))
+        # short draft teaches as much as a deep one; rare enough to cost about 1% at any batch.
+        return cls(policy, explore_every=64, probe_tokens=min(2, config.num_draft_tokens))
 
     def cost(self) -> SpecCostView:
         """Measured costs where measured, the prior's elsewhere: with a single size seen, the

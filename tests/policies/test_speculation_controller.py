@@ -111,7 +111,7 @@ def test_adaptive_controller_probes_after_a_long_quiet_spell():
     controller = SpeculationController.from_config(
         SpeculativeConfig(draft_model="h", policy="adaptive", num_draft_tokens=8, max_depth=5)
     )
-    assert (controller.explore_every, controller.probe_tokens) == (128, 2)
+    assert (controller.explore_every, controller.probe_tokens) == (64, 2)
     controller.explore_every, controller.probe_tokens = 32, 5
     for tokens in (1, 8, 64):  # drafts cost as much as target steps: never worth it
         controller.observe_target_step(tokens, 0.001 * tokens)
