@@ -264,6 +264,9 @@ class SpeculationController:
     A probe costs one request's drafts once per ``explore_every`` steps. Likewise after that
     many steps with drafts (or 8 while the target's cost per token is undetermined) one step
     runs plain. None: never probe (the fixed and off policies decide without measurements).
+
+    ``reuse_quiet_decisions``: a decision that drafted for nobody is reused for up to that many
+    steps while no new request joins the batch.
     """
 
     def __init__(
@@ -274,6 +277,7 @@ class SpeculationController:
         *,
         explore_every: int | None = None,
         probe_tokens: int = 1,
+        reuse_quiet_decisions: int = 0,
     ) -> None:
         if explore_every is not None:
             _require(_is_count(explore_every, 1), "explore_every", "an integer >= 1", explore_every)
@@ -281,7 +285,15 @@ class SpeculationController:
         self.policy = policy
         self.tracker = tracker or AcceptanceTracker()
         self.prior_cost = prior_cost
+        _require(
+            _is_count(reuse_quiet_decisions, 0),
+            "reuse_quiet_decisions",
+            "an integer >= 0",
+            reuse_quiet_decisions,
+        )
         self.explore_every, self.probe_tokens = explore_every, probe_tokens
+        self.reuse_quiet_decisions = reuse_quiet_decisions
+        self._reuse_left = 0
         self.target_timing = LinearTimingFit()  # seconds by query tokens of a decode step
         self.draft_timing = LinearTimingFit()  # seconds of a step's drafting by tree depth
         self.last_decision: SpeculationDecision | None = None
@@ -298,9 +310,14 @@ class SpeculationController:
         policy = speculation_policy_from_config(config)
         if policy.name != "adaptive":
             return cls(policy)
-        # A probe's cost is mostly the head catching up on the request's sequence, so a
-        # short draft teaches as much as a deep one; rare enough to cost about 1% at any batch.
-        return cls(policy, explore_every=64, probe_tokens=min(2, config.num_draft_tokens))
+        # A probe's cost is mostly the head catching up on the request's whole sequence (a
+        # head prefill), so a short draft teaches as much as a deep one, and probes are rare.
+        return cls(
+            policy,
+            explore_every=256,
+            probe_tokens=min(2, config.num_draft_tokens),
+            reuse_quiet_decisions=8,
+        )
 
     def cost(self) -> SpecCostView:
         """Measured costs where measured, the prior's elsewhere: with a single size seen, the
@@ -332,8 +349,27 @@ class SpeculationController:
 
     def budget_for(self, request_ids: list[str]) -> dict[str, int]:
         """The scheduler's ``DraftBudget``: draft tokens for each decoding request this step."""
-        views = [self.tracker.view(rid) for rid in request_ids]
-        decision = self.policy.decide(views, self.cost())
+        last = self.last_decision
+        if (
+            last is not None
+            and last.num_speculating == 0
+            and self._reuse_left > 0
+            and all(rid in last.draft_tokens for rid in request_ids)
+        ):
+            # Nothing drafted, so nothing new was learned about acceptance: the same batch
+            # (or part of it) gets the same answer for a few steps, which keeps the policy's
+            # cost off large batches that do not speculate.
+            self._reuse_left -= 1
+            decision = SpeculationDecision(
+                last.policy,
+                dict.fromkeys(request_ids, 0),
+                last.predicted_goodput,
+                last.plain_goodput,
+            )
+        else:
+            views = [self.tracker.view(rid) for rid in request_ids]
+            decision = self.policy.decide(views, self.cost())
+            self._reuse_left = self.reuse_quiet_decisions
         self.last_decision = decision
         self.num_steps += 1
         budgets = dict(decision.draft_tokens)

@@ -111,7 +111,7 @@ def test_adaptive_controller_probes_after_a_long_quiet_spell():
     controller = SpeculationController.from_config(
         SpeculativeConfig(draft_model="h", policy="adaptive", num_draft_tokens=8, max_depth=5)
     )
-    assert (controller.explore_every, controller.probe_tokens) == (64, 2)
+    assert (controller.explore_every, controller.probe_tokens) == (256, 2)
     controller.explore_every, controller.probe_tokens = 32, 5
     for tokens in (1, 8, 64):  # drafts cost as much as target steps: never worth it
         controller.observe_target_step(tokens, 0.001 * tokens)
@@ -224,3 +224,27 @@ def test_adaptive_controller_runs_a_plain_step_to_measure_the_cost_per_token():
     assert plain_steps[0] == 8  # the 8th step in a row with drafts runs plain
     assert controller.target_timing.fit() == pytest.approx((0.0035, 0.0005), rel=1e-6)
     assert controller.metrics()["spec_policy_plain_probe_steps"] == len(plain_steps) == 1
+
+
+def test_a_quiet_decision_is_reused_until_a_request_joins():
+    controller = SpeculationController.from_config(
+        SpeculativeConfig(draft_model="h", policy="adaptive", num_draft_tokens=4, max_depth=4)
+    )
+    controller.explore_every = None
+    for tokens in (1, 8, 64):  # drafts cost as much as target steps: never worth it
+        controller.observe_target_step(tokens, 0.001 * tokens)
+    decisions = []
+    real_decide = controller.policy.decide
+
+    def counting(views, cost):
+        decisions.append(len(views))
+        return real_decide(views, cost)
+
+    controller.policy.decide = counting
+    for _ in range(10):
+        assert controller.budget_for(["a", "b"]) == {"a": 0, "b": 0}
+    assert decisions == [2, 2]  # decided, reused 8 times, decided again
+    assert controller.budget_for(["a"]) == {"a": 0}  # a request left: still reused
+    controller.budget_for(["a", "c"])  # one joined: decided afresh
+    assert decisions == [2, 2, 2]
+    assert controller.num_steps == 12
