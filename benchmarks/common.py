@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +30,17 @@ def held_out_prompts(tokenizer, num_prompts: int, prompt_tokens: int) -> list[li
     raise RuntimeError(
         f"held-out corpus yields only {len(prompts)} prompts of {prompt_tokens} tokens"
     )
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

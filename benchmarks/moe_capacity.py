@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from benchmarks.common import print_table, write_table
+from benchmarks.common import positive_float, print_table, write_table
 from raycake.assets import DEFAULT_MOE_MODEL_NAME
 from raycake.config import MoEConfig
 from raycake.model.loader import (
@@ -242,16 +241,6 @@ def measure(
     )
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag; ``args.model_dir`` is the resolved checkpoint folder."""
     parser = argparse.ArgumentParser(
@@ -264,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--capacity-factors",
-        type=_positive_float,
+        type=positive_float,
         nargs="+",
         default=[1.0, 1.25, 2.0],
         help="capacity factors to compare with dropless routing (default: %(default)s)",

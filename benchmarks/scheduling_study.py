@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from benchmarks.common import RESULTS_DIR, print_table, write_table
+from benchmarks.common import RESULTS_DIR, positive_float, print_table, write_table
 from raycake.cluster.cost_model import RooflineCostModel, gpu_preset, model_preset
 from raycake.cluster.simulate import SimulationConfig, policy_from_name, simulate
 from raycake.cluster.traces import (
@@ -347,16 +347,6 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def positive_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -372,7 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rates",
         nargs="+",
-        type=positive_rate,
+        type=positive_float,
         default=list(DEFAULT_RATES),
         help="trace speed multipliers (default: %(default)s)",
     )
