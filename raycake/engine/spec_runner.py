@@ -140,6 +140,7 @@ class SpecDecodeRunner(ModelRunner):
         started = time.perf_counter()
         drafting = list(out.num_draft_tokens)
         caught_up_tokens = self._extend_head(drafting)
+        caught_up = time.perf_counter()
         self.trees = self._draft(out.num_draft_tokens)
         for rid, tree in self.trees.items():
             if tree.num_nodes > out.num_draft_tokens[rid]:
@@ -168,12 +169,13 @@ class SpecDecodeRunner(ModelRunner):
                     out.total_num_scheduled_tokens, verified - drafted
                 )
             if self.trees:
-                # A catch-up over many tokens (a whole prompt, or after steps without drafts)
-                # is not a steady step's, so that step's drafting time is left out.
                 depth = max(max(t.depths, default=1) for t in self.trees.values())
-                steady = 2 * (self.spec.max_depth + 1) * len(self.trees)
-                if caught_up_tokens <= steady:
-                    self.controller.observe_drafting(depth, len(self.trees), drafted - started)
+                catch_up_s, tree_s = caught_up - started, drafted - caught_up
+                if caught_up_tokens > 2 * (self.spec.max_depth + 1) * len(self.trees):
+                    # A catch-up over a whole prompt, or after steps without drafts, is not a
+                    # steady step's: count it as a steady one, about one more expansion.
+                    catch_up_s = tree_s / max(depth - 1, 1)
+                self.controller.observe_drafting(depth, len(self.trees), catch_up_s + tree_s)
                 self._account_speedup(out, sampled, verified - started)
         return RunnerOutput(sampled_token_ids=sampled)
 

@@ -226,6 +226,11 @@ class LinearTimingFit:
         self._xy = d * self._xy + size * seconds
 
     @property
+    def weight(self) -> float:
+        """The observations' total (decayed) weight."""
+        return self._w
+
+    @property
     def mean_seconds(self) -> float | None:
         return None if self._w == 0 else self._y / self._w
 
@@ -249,6 +254,8 @@ class LinearTimingFit:
 
 # --- The scheduler's hook ---------------------------------------------------------------------
 
+# Drafting steps measured before the measured draft cost is trusted alone (see ``cost``).
+MIN_DRAFT_OBSERVATIONS = 4.0
 # Until measured: a target step that is mostly fixed cost and a draft step a tenth of it.
 DEFAULT_PRIOR_COST = SpecCostView(
     target_fixed_s=0.010, target_per_token_s=1e-5, draft_fixed_s=0.001, draft_per_seq_s=0.0
@@ -339,6 +346,13 @@ class SpeculationController:
             mean_s, mean_depth = self.draft_timing.mean_seconds, self.draft_timing.mean_size
             if mean_s is not None and mean_depth:
                 draft = (0.0, mean_s / mean_depth)
+        # The first drafting steps run new shapes and cold caches: until a few are measured,
+        # the prior keeps a share, so one slow step cannot switch speculation off for good.
+        trust = min(1.0, self.draft_timing.weight / MIN_DRAFT_OBSERVATIONS)
+        draft = (
+            trust * draft[0] + (1 - trust) * prior.draft_setup_s,
+            trust * draft[1] + (1 - trust) * prior.draft_fixed_s,
+        )
         return SpecCostView(
             target_fixed_s=target[0],
             target_per_token_s=target[1],
@@ -376,7 +390,11 @@ class SpeculationController:
         if decision.num_speculating == 0 and request_ids:
             self._busy_steps = 0
             self._quiet_steps += 1
-            if self.explore_every is not None and self._quiet_steps >= self.explore_every:
+            # While the draft cost rests on a few measurements, probe sooner.
+            every = self.explore_every
+            if every is not None and self.draft_timing.weight < MIN_DRAFT_OBSERVATIONS:
+                every = min(every, 16)
+            if every is not None and self._quiet_steps >= every:
                 probe = request_ids[self.num_probe_steps % len(request_ids)]
                 budgets[probe] = self.probe_tokens
                 self.num_probe_steps += 1
