@@ -51,6 +51,9 @@ from raycake.model.eagle import EagleDraftHead
 from raycake.model.llama import LlamaForCausalLM
 from raycake.policies.speculation_controller import SpeculationController
 
+# Verify steps whose timings are not reported to the speculation policy (see ``execute``).
+COLD_VERIFY_STEPS = 3
+
 
 @dataclass
 class HeadState:
@@ -109,6 +112,7 @@ class SpecDecodeRunner(ModelRunner):
         self.head_states: dict[str, HeadState] = {}
         self.trees: dict[str, DraftTree] = {}  # this step's
         self.stats = SpecDecodeStats()
+        self.num_verify_steps_run = 0  # steps that verified at least one tree
 
     def _slot(self, state: RunnerRequestState, index: int) -> int:
         return state.block_ids[index // self.block_size] * self.block_size + index % self.block_size
@@ -160,13 +164,18 @@ class SpecDecodeRunner(ModelRunner):
         verified = time.perf_counter()
         self.stats.draft_seconds += drafted - started
         self.stats.target_seconds += verified - drafted
-        if self.controller is not None:
+        if self.trees:
+            self.num_verify_steps_run += 1
+        # The first verify steps run new shapes on cold caches (several times slower here):
+        # timing them would tell the policy that drafting never pays.
+        warm = self.num_verify_steps_run > COLD_VERIFY_STEPS
+        if self.controller is not None and (warm or not self.trees):
             # The policy weighs decode steps: a step with a prompt chunk in it says little
             # about what one more draft token costs (its attention spans the whole prompt).
             num_drafts = sum(out.num_draft_tokens.values())
             if out.total_num_scheduled_tokens == len(out.num_scheduled_tokens) + num_drafts:
                 self.controller.observe_target_step(
-                    out.total_num_scheduled_tokens, verified - drafted
+                    out.total_num_scheduled_tokens, verified - drafted, drafting=bool(self.trees)
                 )
             if self.trees:
                 depth = max(max(t.depths, default=1) for t in self.trees.values())
@@ -176,7 +185,8 @@ class SpecDecodeRunner(ModelRunner):
                     # steady step's: count it as a steady one, about one more expansion.
                     catch_up_s = tree_s / max(depth - 1, 1)
                 self.controller.observe_drafting(depth, len(self.trees), catch_up_s + tree_s)
-                self._account_speedup(out, sampled, verified - started)
+        if self.controller is not None and self.trees:
+            self._account_speedup(out, sampled, verified - started)
         return RunnerOutput(sampled_token_ids=sampled)
 
     def _account_speedup(
@@ -186,7 +196,7 @@ class SpecDecodeRunner(ModelRunner):
         token per sampling request in a plain step over the same tokens minus the drafts."""
         assert self.controller is not None
         plain_tokens = out.total_num_scheduled_tokens - sum(out.num_draft_tokens.values())
-        plain_seconds = self.controller.cost().target_seconds(plain_tokens)
+        plain_seconds = self.controller.cost().step_seconds(plain_tokens, drafting=False)
         stats = self.stats
         stats.verify_step_seconds += seconds
         stats.verify_step_tokens += sum(len(t) for t in sampled.values())

@@ -167,14 +167,26 @@ class SpecCostView:
     draft_fixed_s: float
     draft_per_seq_s: float = 0.0
     draft_setup_s: float = 0.0
+    # A plain decode step's own line, when measured apart (a verify step also pays for tree
+    # masks and verification); None: plain steps follow target_seconds too.
+    plain_fixed_s: float | None = None
+    plain_per_token_s: float | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            (self.plain_fixed_s is None) == (self.plain_per_token_s is None),
+            "SpecCostView.plain_fixed_s",
+            "set together with plain_per_token_s, or both None",
+            (self.plain_fixed_s, self.plain_per_token_s),
+        )
+        plain = () if self.plain_fixed_s is None else ("plain_fixed_s", "plain_per_token_s")
         for name in (
             "target_fixed_s",
             "target_per_token_s",
             "draft_fixed_s",
             "draft_per_seq_s",
             "draft_setup_s",
+            *plain,
         ):
             value = getattr(self, name)
             _require(
@@ -192,6 +204,13 @@ class SpecCostView:
 
     def target_seconds(self, num_tokens: int) -> float:
         return self.target_fixed_s + self.target_per_token_s * num_tokens
+
+    def step_seconds(self, num_tokens: int, drafting: bool) -> float:
+        """The target's part of a decode step: a verify step's line when anyone drafts, else
+        the plain line (where measured)."""
+        if drafting or self.plain_fixed_s is None or self.plain_per_token_s is None:
+            return self.target_seconds(num_tokens)
+        return self.plain_fixed_s + self.plain_per_token_s * num_tokens
 
     def draft_seconds(self, num_seqs: int) -> float:
         return self.draft_fixed_s + self.draft_per_seq_s * num_seqs if num_seqs else 0.0
@@ -401,8 +420,9 @@ def _budget_at_price(gains: list[float], threshold: float) -> int:
 
 def _goodput(gains: list[list[float]], budgets: Sequence[int], cost: SpecCostView) -> float:
     emitted = sum(1.0 + sum(g[:k]) for g, k in zip(gains, budgets, strict=True))
-    seconds = cost.target_seconds(len(budgets) + sum(budgets))
-    if max(budgets, default=0) > 0:
+    drafting = max(budgets, default=0) > 0
+    seconds = cost.step_seconds(len(budgets) + sum(budgets), drafting)
+    if drafting:
         seconds += cost.draft_setup_s
     for depth in range(1, max(budgets, default=0) + 1):
         seconds += cost.draft_seconds(sum(1 for k in budgets if k >= depth))

@@ -252,6 +252,18 @@ class LinearTimingFit:
         return fixed, slope
 
 
+def _line(
+    timing: LinearTimingFit, fitted: tuple[float, float] | None, slope: float
+) -> tuple[float, float] | None:
+    """(fixed, per token): the fit, or ``slope`` through the measured mean; None if unmeasured."""
+    if fitted is not None:
+        return fitted
+    mean_s, mean_size = timing.mean_seconds, timing.mean_size
+    if mean_s is None or mean_size is None:
+        return None
+    return max(0.0, mean_s - slope * mean_size), slope
+
+
 # --- The scheduler's hook ---------------------------------------------------------------------
 
 # Drafting steps measured before the measured draft cost is trusted alone (see ``cost``).
@@ -301,7 +313,8 @@ class SpeculationController:
         self.explore_every, self.probe_tokens = explore_every, probe_tokens
         self.reuse_quiet_decisions = reuse_quiet_decisions
         self._reuse_left = 0
-        self.target_timing = LinearTimingFit()  # seconds by query tokens of a decode step
+        self.target_timing = LinearTimingFit()  # seconds by query tokens of a verify step
+        self.plain_timing = LinearTimingFit()  # the same for plain decode steps
         self.draft_timing = LinearTimingFit()  # seconds of a step's drafting by tree depth
         self.last_decision: SpeculationDecision | None = None
         self.num_steps = 0
@@ -327,16 +340,20 @@ class SpeculationController:
         )
 
     def cost(self) -> SpecCostView:
-        """Measured costs where measured, the prior's elsewhere: with a single size seen, the
-        prior's slope through the measured mean."""
+        """Measured costs where measured, the prior's elsewhere.
+
+        Plain decode steps and verify steps are fitted apart: a verify step also pays for
+        tree masks, verification and KV moves, which a single line through both would read as
+        a steep cost per token. A line seen at a single size takes its slope from the other
+        line when that one is determined (a token costs the same compute in both), else from
+        the prior, through the measured mean.
+        """
         prior = self.prior_cost
-        target = self.target_timing.fit()
-        if target is None:
-            target = (prior.target_fixed_s, prior.target_per_token_s)
-            mean_s, mean_size = self.target_timing.mean_seconds, self.target_timing.mean_size
-            if mean_s is not None and mean_size is not None:
-                target = (max(0.0, mean_s - prior.target_per_token_s * mean_size), target[1])
-        if target[0] + target[1] <= 0:
+        plain_fit, verify_fit = self.plain_timing.fit(), self.target_timing.fit()
+        slope = (plain_fit or verify_fit or (0.0, prior.target_per_token_s))[1]
+        plain = _line(self.plain_timing, plain_fit, slope)
+        target = _line(self.target_timing, verify_fit, slope) or plain
+        if target is None or target[0] + target[1] <= 0:
             target = (prior.target_fixed_s, prior.target_per_token_s)
         # Drafting d deep: a setup (the head catching up, the root's logits) plus d - 1
         # expansions, fitted as setup + per_depth x d over the depths seen.
@@ -356,6 +373,8 @@ class SpeculationController:
         return SpecCostView(
             target_fixed_s=target[0],
             target_per_token_s=target[1],
+            plain_fixed_s=None if plain is None else plain[0],
+            plain_per_token_s=None if plain is None else plain[1],
             draft_fixed_s=draft[1],
             draft_per_seq_s=0.0,
             draft_setup_s=draft[0],
@@ -404,7 +423,7 @@ class SpeculationController:
             self._busy_steps += 1
             # The mirror image: a plain step now and then, so the target's cost per token is
             # measured at two step sizes (drafting every step, all steps are one size).
-            undetermined = self.target_timing.fit() is None and self._busy_steps >= 8
+            undetermined = self.plain_timing.weight == 0 and self._busy_steps >= 8
             if self.explore_every is not None and (
                 undetermined or self._busy_steps >= self.explore_every
             ):
@@ -417,9 +436,12 @@ class SpeculationController:
     def observe_verify(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
         self.tracker.observe(request_id, num_draft_tokens, num_accepted)
 
-    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
-        """A target forward over ``num_tokens`` query tokens (decodes + drafts) took ``seconds``."""
-        self.target_timing.observe(num_tokens, seconds)
+    def observe_target_step(
+        self, num_tokens: int, seconds: float, *, drafting: bool = True
+    ) -> None:
+        """A decode step's target forward over ``num_tokens`` query tokens (decodes + drafts)
+        took ``seconds``; ``drafting``: it verified drafts (else a plain decode step)."""
+        (self.target_timing if drafting else self.plain_timing).observe(num_tokens, seconds)
 
     def observe_drafting(self, depth: int, num_seqs: int, seconds: float) -> None:
         """Drafting trees ``depth`` deep for ``num_seqs`` requests took ``seconds`` in all.

@@ -236,10 +236,15 @@ def test_adaptive_controller_runs_a_plain_step_to_measure_the_cost_per_token():
         budgets = controller.budget_for(["a"])
         if budgets == {"a": 0}:
             plain_steps.append(step)
-        # Every step drafts 4: a single size, so the slope stays undetermined.
-        controller.observe_target_step(1 + budgets["a"], 0.004 + 0.0005 * budgets["a"])
+        # A verify step pays 1 ms more than its tokens (masks, verification).
+        drafts = budgets["a"]
+        seconds = 0.003 + 0.0005 * (1 + drafts) + (0.001 if drafts else 0.0)
+        controller.observe_target_step(1 + drafts, seconds, drafting=drafts > 0)
     assert plain_steps[0] == 8  # the 8th step in a row with drafts runs plain
-    assert controller.target_timing.fit() == pytest.approx((0.0035, 0.0005), rel=1e-6)
+    # Each line at a single size, through its own mean (slope: the prior's 1e-5).
+    cost = controller.cost()
+    assert cost.step_seconds(1, drafting=False) == pytest.approx(0.0035, rel=1e-6)
+    assert cost.step_seconds(5, drafting=True) == pytest.approx(0.0065, rel=1e-6)
     assert controller.metrics()["spec_policy_plain_probe_steps"] == len(plain_steps) == 1
 
 
