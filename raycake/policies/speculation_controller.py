@@ -191,6 +191,19 @@ class AcceptanceTracker:
             self.depth_acceptance(request_id),
         )
 
+    def relax(self, request_id: str) -> None:
+        """A step in which the request did not draft: its own evidence decays as if a step had
+        passed, so its rates drift back to all requests' and a few unlucky early steps cannot
+        shut it out of drafting for good."""
+        state = self._state.get(request_id)
+        if state is None:
+            return
+        state.accepted *= self.decay
+        state.rejected *= self.decay
+        for counts in state.depths:
+            counts[0] *= self.decay
+            counts[1] *= self.decay
+
     def forget(self, request_id: str) -> None:
         """Drop a finished or aborted request."""
         self._state.pop(request_id, None)
@@ -430,6 +443,9 @@ class SpeculationController:
                 budgets = dict.fromkeys(budgets, 0)
                 self.num_plain_probe_steps += 1
                 self._busy_steps = 0
+        for rid, k in budgets.items():
+            if k == 0:
+                self.tracker.relax(rid)
         self.num_speculating_steps += any(k > 0 for k in budgets.values())
         return budgets
 

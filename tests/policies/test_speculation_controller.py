@@ -270,3 +270,18 @@ def test_a_quiet_decision_is_reused_until_a_request_joins():
     controller.budget_for(["a", "c"])  # one joined: decided afresh
     assert decisions == [2, 2, 2]
     assert controller.num_steps == 12
+
+
+def test_a_request_shut_out_by_bad_luck_drifts_back_to_the_shared_rates():
+    tracker = AcceptanceTracker(prior_rate=0.6, prior_weight=4.0, decay=0.8, prior_decay=1.0)
+    for i in range(20):
+        tracker.observe(f"good{i}", 4, 4)
+    tracker.observe("unlucky", 4, 0)
+    tracker.observe("unlucky", 4, 0)
+    shared = tracker.depth_acceptance("new")[0]
+    assert tracker.depth_acceptance("unlucky")[0] < shared - 0.2
+    for _ in range(20):  # steps without drafts
+        tracker.relax("unlucky")
+    assert tracker.depth_acceptance("unlucky")[0] == pytest.approx(shared, abs=0.01)
+    tracker.relax("never-seen")  # no state: nothing to do
+    assert len(tracker) == 21
