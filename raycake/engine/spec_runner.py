@@ -49,6 +49,7 @@ from raycake.engine.spec_decode import (
 from raycake.model.attention import AttentionMetadata, QuerySpan
 from raycake.model.eagle import EagleDraftHead
 from raycake.model.llama import LlamaForCausalLM
+from raycake.policies.speculation import tree_shape
 from raycake.policies.speculation_controller import SpeculationController
 
 # Verify steps whose timings are not reported to the speculation policy (see ``execute``).
@@ -216,12 +217,22 @@ class SpecDecodeRunner(ModelRunner):
         sampled: dict[str, list[int]] = {}
         src: list[int] = []
         dst: list[int] = []
-        for rid, span in zip(span_ids, spans, strict=True):
-            tree = self.trees.get(rid)
-            if tree is None:
-                continue
+        verify = [
+            (rid, span) for rid, span in zip(span_ids, spans, strict=True) if rid in self.trees
+        ]
+        if not verify:
+            return sampled
+        # One lm_head pass over every tree's rows: at small batches a step reads the weights,
+        # so a pass per request would read them once per request.
+        rows = torch.cat([torch.arange(span.start, span.end) for _, span in verify])
+        all_logits = self.model.compute_logits(hidden[rows.to(hidden.device)])  # [sum(1 + n), V]
+        offset = 0
+        for rid, span in verify:
+            tree = self.trees[rid]
             state = self.requests[rid]
-            logits = self.model.compute_logits(hidden[span.start : span.end])  # [1 + n, V]
+            n = span.end - span.start
+            logits = all_logits[offset : offset + n]  # [1 + n, V]
+            offset += n
             params = state.sampling_params
             if params.is_greedy:
                 verdict = verify_greedy(tree, logits)
@@ -310,16 +321,6 @@ class SpecDecodeRunner(ModelRunner):
             self.head_states[rid].root_feature = out[row]
         return len(tokens)
 
-    def tree_shape(self, budget: int) -> tuple[int, int]:
-        """(depth, width) of the tree grown for a budget of ``budget`` nodes: as deep as allowed,
-        then as wide as the budget fills (EAGLE-2's top-k frontier, at most ``tree_top_k``).
-
-        NOTE: a budget up to ``max_depth`` grows a chain, one head row per depth: when the head's
-        top choice is usually right, width costs head rows and verify tokens for little gain.
-        """
-        depth = min(self.spec.max_depth, budget)
-        return depth, min(self.spec.tree_top_k, -(-budget // depth))
-
     def _draft(self, budgets: dict[str, int]) -> dict[str, DraftTree]:
         """Grow an EAGLE-2 tree per request: expand the ``width`` best nodes of each depth
         (``tree_top_k`` children each), then keep the ``budget`` best candidates overall."""
@@ -327,7 +328,7 @@ class SpecDecodeRunner(ModelRunner):
             return {}
         rids = list(budgets)
         k = self.spec.tree_top_k
-        shapes = [self.tree_shape(budgets[r]) for r in rids]
+        shapes = [tree_shape(budgets[r], self.spec.max_depth, k) for r in rids]
         hidden = self.model.config.hidden_size
         roots = torch.stack(
             [

@@ -89,6 +89,19 @@ def acceptance_rate_from_length(mean_emitted_tokens: float, num_draft_tokens: in
     return (low + high) / 2
 
 
+def tree_shape(budget: int, max_depth: int, tree_top_k: int) -> tuple[int, int]:
+    """(depth, width) of the draft tree for a budget of ``budget`` nodes: as deep as allowed,
+    then as wide as the budget fills (EAGLE-2's top-k frontier, at most ``tree_top_k``).
+
+    NOTE: a budget up to ``max_depth`` grows a chain, one head row per depth: when the head's
+    top choice is usually right, width costs head rows and verify tokens for little gain.
+    """
+    for name, value in (("budget", budget), ("max_depth", max_depth), ("tree_top_k", tree_top_k)):
+        _require(_is_count(value, 1), name, "an integer >= 1", value)
+    depth = min(max_depth, budget)
+    return depth, min(tree_top_k, -(-budget // depth))
+
+
 # --- Views: what the engine tells the policy each step ----------------------------------------
 
 

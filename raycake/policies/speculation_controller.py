@@ -326,6 +326,7 @@ class SpeculationController:
         self.explore_every, self.probe_tokens = explore_every, probe_tokens
         self.reuse_quiet_decisions = reuse_quiet_decisions
         self._reuse_left = 0
+        self._cost: SpecCostView | None = None  # cost() until the next timing observation
         self.target_timing = LinearTimingFit()  # seconds by query tokens of a verify step
         self.plain_timing = LinearTimingFit()  # the same for plain decode steps
         self.draft_timing = LinearTimingFit()  # seconds of a step's drafting by tree depth
@@ -353,6 +354,13 @@ class SpeculationController:
         )
 
     def cost(self) -> SpecCostView:
+        """The current ``SpecCostView`` (refitted only after a new observation: the scheduler
+        and the runner both ask every step)."""
+        if self._cost is None:
+            self._cost = self._fit_cost()
+        return self._cost
+
+    def _fit_cost(self) -> SpecCostView:
         """Measured costs where measured, the prior's elsewhere.
 
         Plain decode steps and verify steps are fitted apart: a verify step also pays for
@@ -458,6 +466,7 @@ class SpeculationController:
         """A decode step's target forward over ``num_tokens`` query tokens (decodes + drafts)
         took ``seconds``; ``drafting``: it verified drafts (else a plain decode step)."""
         (self.target_timing if drafting else self.plain_timing).observe(num_tokens, seconds)
+        self._cost = None
 
     def observe_drafting(self, depth: int, num_seqs: int, seconds: float) -> None:
         """Drafting trees ``depth`` deep for ``num_seqs`` requests took ``seconds`` in all.
@@ -468,6 +477,7 @@ class SpeculationController:
         _require(_is_count(depth, 1), "depth", "an integer >= 1", depth)
         _require(_is_count(num_seqs, 1), "num_seqs", "an integer >= 1", num_seqs)
         self.draft_timing.observe(depth, seconds)
+        self._cost = None
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)

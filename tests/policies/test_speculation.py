@@ -30,6 +30,7 @@ from raycake.policies.speculation import (
     goodput,
     make_speculation_policy,
     speculation_policy_from_config,
+    tree_shape,
 )
 
 COST = SpecCostView(target_fixed_s=0.010, target_per_token_s=0.05e-3, draft_fixed_s=0.001)
@@ -224,3 +225,14 @@ def test_imports_without_torch_or_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "'a'" in out.stdout
+
+
+def test_tree_shape_is_a_chain_up_to_the_depth_then_widens():
+    assert tree_shape(1, 6, 4) == (1, 1)
+    assert tree_shape(4, 6, 4) == (4, 1)  # a chain
+    assert tree_shape(6, 6, 4) == (6, 1)
+    assert tree_shape(12, 6, 4) == (6, 2)
+    assert tree_shape(13, 6, 4) == (6, 3)
+    assert tree_shape(100, 6, 4) == (6, 4)  # never wider than tree_top_k
+    with pytest.raises(ValueError, match="budget: expected an integer >= 1"):
+        tree_shape(0, 6, 4)
