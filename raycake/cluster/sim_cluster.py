@@ -398,15 +398,22 @@ class SimulatedCluster:
 
     # --- Outputs ------------------------------------------------------------------------
 
-    def _finish(self, r: SimRequest, tbt_s: float, mean_interval_s: float) -> None:
-        config = self.config
-        ttft = r.first_token_s - r.arrival_s
+    def _add_row(self, r: SimRequest, **outcome: object) -> None:
+        """One per-request row: the request's own columns, then how it ended."""
         self.rows.add(
             r.index,
             request_id=f"r{r.index}",
             arrival_s=r.arrival_s,
             num_prompt_tokens=r.num_prompt_tokens,
             num_output_tokens=r.num_decode_tokens + 1,
+            **outcome,
+        )
+
+    def _finish(self, r: SimRequest, tbt_s: float, mean_interval_s: float) -> None:
+        config = self.config
+        ttft = r.first_token_s - r.arrival_s
+        self._add_row(
+            r,
             rejected=False,
             reject_reason=None,
             prefill_instance=r.prefill.instance_id,  # type: ignore[union-attr]
@@ -427,12 +434,8 @@ class SimulatedCluster:
     def _reject(
         self, r: SimRequest, reason: str, predicted_ttft_s: float, predicted_tbt_s: float | None
     ) -> None:
-        self.rows.add(
-            r.index,
-            request_id=f"r{r.index}",
-            arrival_s=r.arrival_s,
-            num_prompt_tokens=r.num_prompt_tokens,
-            num_output_tokens=r.num_decode_tokens + 1,
+        self._add_row(
+            r,
             rejected=True,
             reject_reason=reason,
             prefill_instance=None,

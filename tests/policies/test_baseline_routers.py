@@ -1,6 +1,6 @@
 """SGLang's and Dynamo's cache-aware routers over hand-built views, with numbers worked by hand.
 
-Shared setup (as in test_scheduling.py): a 1,024-token prompt in 16-token blocks, i.e. 64
+Shared setup (costs in worked_costs.py): a 1,024-token prompt in 16-token blocks, i.e. 64
 blocks, hashed as 64 chained ids; prefill costs 0.02 + 2e-4 * new + 1e-7 * new * (cached +
 new / 2) seconds, decode steps 0.01 + 5e-4 * batch + 1e-6 * context seconds.
 """
@@ -17,7 +17,6 @@ from raycake.policies.baseline_routers import (
     DynamoKvRouter,
     SGLangCacheAwareRouter,
 )
-from raycake.policies.cost_model import StepCostModel
 from raycake.policies.scheduling import (
     CacheAwareScheduler,
     ClusterView,
@@ -28,17 +27,8 @@ from raycake.policies.scheduling import (
     SchedulingConfig,
     scheduling_policy_from_config,
 )
+from tests.policies.worked_costs import COST, WITH_PREFIX_S
 
-COST = StepCostModel(
-    prefill_fixed_s=0.02,
-    prefill_per_token_s=2e-4,
-    prefill_per_token_pair_s=1e-7,
-    decode_fixed_s=0.01,
-    decode_per_seq_s=5e-4,
-    decode_per_context_token_s=1e-6,
-)
-FROM_SCRATCH_S = 0.02 + 0.2048 + 0.0524288  # prefill(1024, 0)
-WITH_PREFIX_S = 0.02 + 0.0512 + 0.0229376  # prefill(256, 768): a 48-block prefix cached
 HOT = tuple(range(48))  # a hot 48-block (768-token) prefix
 
 

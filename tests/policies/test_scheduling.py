@@ -17,7 +17,6 @@ from collections import Counter
 
 import pytest
 
-from raycake.policies.cost_model import StepCostModel
 from raycake.policies.scheduling import (
     SCHEDULING_POLICIES,
     CacheAwareScheduler,
@@ -36,17 +35,8 @@ from raycake.policies.scheduling import (
     predict_decode_load,
     scheduling_policy_from_config,
 )
+from tests.policies.worked_costs import COST, FROM_SCRATCH_S, WITH_PREFIX_S
 
-COST = StepCostModel(
-    prefill_fixed_s=0.02,
-    prefill_per_token_s=2e-4,
-    prefill_per_token_pair_s=1e-7,
-    decode_fixed_s=0.01,
-    decode_per_seq_s=5e-4,
-    decode_per_context_token_s=1e-6,
-)
-FROM_SCRATCH_S = 0.02 + 0.2048 + 0.0524288
-WITH_PREFIX_S = 0.02 + 0.0512 + 0.0229376
 BLOCK_BYTES = 1_000_000
 
 
