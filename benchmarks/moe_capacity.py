@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 
 from benchmarks.common import positive_float, print_table, write_table
 from raycake.assets import DEFAULT_MOE_MODEL_NAME
-from raycake.config import MoEConfig
+from raycake.model.config import MoEConfig
 from raycake.model.loader import (
     DTYPES,
     load_model,

@@ -22,9 +22,11 @@ import ray
 from benchmarks.common import print_table, write_table
 from raycake.assets import default_model_dir
 from raycake.cluster.cluster import Cluster
-from raycake.config import CacheConfig, ClusterConfig, EngineConfig, SchedulingConfig
+from raycake.cluster.config import ClusterConfig
+from raycake.engine.config import CacheConfig, EngineConfig
 from raycake.engine.sampling_params import SamplingParams
 from raycake.model.tokenizer import Tokenizer
+from raycake.policies.scheduling_config import SchedulingConfig
 from raycake.training.corpus import read_texts, split_corpus
 
 FOLLOW_UPS = ["\n\n# Now a test for it:\n", "\n\n# A faster version:\n", "\n\n# Usage example:\n"]

@@ -39,16 +39,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from benchmarks.common import RESULTS_DIR, positive_float, print_table, write_table
-from raycake.cluster.cost_model import RooflineCostModel, gpu_preset, model_preset
-from raycake.cluster.simulate import SimulationConfig, policy_from_name, simulate
-from raycake.cluster.traces import (
+from raycake.policies.cluster_view import SchedulingPolicy
+from raycake.sim.roofline import RooflineCostModel, gpu_preset, model_preset
+from raycake.sim.simulate import SimulationConfig, policy_from_name, simulate
+from raycake.sim.traces import (
     TRACE_BLOCK_SIZE,
     SyntheticTraceConfig,
     generate_trace,
     read_trace,
     speed_up,
 )
-from raycake.policies.cluster_view import SchedulingPolicy
 
 MOONCAKE_TRACE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake" / "synthetic_trace.jsonl"

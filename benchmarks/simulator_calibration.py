@@ -17,8 +17,8 @@ import os
 import time
 
 from benchmarks.common import print_table, write_table
-from raycake.cluster.calibrate import calibrate_simulator, calibration_trace
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
+from raycake.sim.calibration.calibrate import calibrate_simulator, calibration_trace
 
 
 def main() -> None:

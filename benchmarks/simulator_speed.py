@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, write_table
-from raycake.cluster.cost_model import RooflineCostModel, gpu_preset, model_preset
-from raycake.cluster.simulate import SimulationConfig, policy_from_name, simulate
-from raycake.cluster.traces import (
+from raycake.sim.roofline import RooflineCostModel, gpu_preset, model_preset
+from raycake.sim.simulate import SimulationConfig, policy_from_name, simulate
+from raycake.sim.traces import (
     SyntheticTraceConfig,
     generate_trace,
     head,

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import held_out_prompts, print_table, write_table
-from raycake.config import EngineConfig, SchedulerConfig, SpeculativeConfig
+from raycake.engine.config import EngineConfig, SchedulerConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.spec.config import SpeculativeConfig
 
 # EAGLE-1 / EAGLE-2 published numbers (NOTES-kernels.md): what the table is compared with.
 PAPER = [

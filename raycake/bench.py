@@ -28,11 +28,13 @@ from typing import Any
 
 from torch import nn
 
-from raycake.config import EngineConfig, MoEConfig, SchedulerConfig, SpeculativeConfig
+from raycake.engine.config import EngineConfig, SchedulerConfig
 from raycake.engine.llm_engine import moe_load_since
 from raycake.engine.request_output import RequestOutput
 from raycake.engine.sampling_params import SamplingParams
-from raycake.engine.spec_decode import SpecDecodeStats
+from raycake.engine.spec.config import SpeculativeConfig
+from raycake.engine.spec.tree import SpecDecodeStats
+from raycake.model.config import MoEConfig
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import Tokenizer
 

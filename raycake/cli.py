@@ -7,16 +7,11 @@ import sys
 import time
 from dataclasses import fields
 
-from raycake.config import (
-    MOE_ROUTERS,
-    QUANTIZATIONS,
-    SPECULATION_POLICIES,
-    SPECULATIVE_METHODS,
-    SUPPORTED_DTYPES,
-    EagleTrainConfig,
-    SpeculativeConfig,
-    TrainConfig,
-)
+from raycake.engine.config import QUANTIZATIONS
+from raycake.engine.spec.config import SPECULATIVE_METHODS, SpeculativeConfig
+from raycake.model.config import MOE_ROUTERS, SUPPORTED_DTYPES
+from raycake.policies.speculation import SPECULATION_POLICIES
+from raycake.training.config import EagleTrainConfig, TrainConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -56,7 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raycake.bench import BenchConfig, run_bench
-    from raycake.config import MoEConfig
+    from raycake.model.config import MoEConfig
 
     config = BenchConfig(
         model=args.model,
@@ -133,7 +128,7 @@ def _start_cluster(
     from dataclasses import replace
 
     from raycake.cluster.cluster import Cluster
-    from raycake.config import ClusterConfig
+    from raycake.cluster.config import ClusterConfig
 
     config = ClusterConfig.from_file(config_path) if config_path else ClusterConfig()
     engine = config.engine
@@ -332,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
             te.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])
     te.set_defaults(func=_train_eagle)
 
-    from raycake.cluster.simulate_cli import add_simulate_parser
+    from raycake.sim.cli import add_simulate_parser
 
     add_simulate_parser(sub)
     return parser

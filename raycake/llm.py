@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from raycake.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.request_output import RequestOutput, StreamDelta
 from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.spec.config import SpeculativeConfig
 
 Prompt = str | list[int]
 

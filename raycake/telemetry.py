@@ -24,11 +24,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from raycake.config import TelemetryConfig
+from raycake.cluster.config import TelemetryConfig
 from raycake.engine.llm_engine import moe_load_since
 
 if TYPE_CHECKING:
-    from raycake.engine.spec_decode import SpecDecodeStats
+    from raycake.engine.spec.tree import SpecDecodeStats
     from raycake.model.moe import MoEStats
 
 _PROPAGATOR = TraceContextTextMapPropagator()

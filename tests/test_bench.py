@@ -17,7 +17,7 @@ from raycake.bench import (
     weight_bytes,
 )
 from raycake.cli import main
-from raycake.config import MoEConfig
+from raycake.model.config import MoEConfig
 from raycake.model.loader import load_model
 from raycake.model.tokenizer import Tokenizer
 from tests.llama_checkpoints import CONFIGS, VOCAB_SIZE, build_checkpoint, build_mixtral_checkpoint

@@ -6,14 +6,9 @@ import json
 
 import pytest
 
-from raycake.config import (
-    CacheConfig,
-    ClusterConfig,
-    EngineConfig,
-    ModelConfig,
-    MoEConfig,
-    SchedulerConfig,
-)
+from raycake.cluster.config import ClusterConfig
+from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from raycake.model.config import ModelConfig, MoEConfig
 
 LLAMA_3_1_8B = {
     "architectures": ["LlamaForCausalLM"],

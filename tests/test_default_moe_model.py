@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from raycake import LLM, SamplingParams
 from raycake.assets import default_model_dir, default_moe_model_dir
-from raycake.config import EngineConfig, MoEConfig
+from raycake.engine.config import EngineConfig
+from raycake.model.config import MoEConfig
 from raycake.model.loader import load_model, read_model_config
 from raycake.model.moe import MoEFeedForward
 from raycake.training.corpus import read_texts, split_corpus

@@ -9,9 +9,10 @@ import urllib.request
 
 import pytest
 
-from raycake.config import EngineConfig, MoEConfig
+from raycake.engine.config import EngineConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.sampling_params import SamplingParams
+from raycake.model.config import MoEConfig
 from raycake.model.moe import MoEStats
 from raycake.telemetry import InstanceMetrics
 from tests.llama_checkpoints import build_mixtral_checkpoint
@@ -96,7 +97,7 @@ class SpecProbe:
 
     def __init__(self) -> None:
         from raycake.assets import default_eagle_head_dir
-        from raycake.config import SpeculativeConfig
+        from raycake.engine.spec.config import SpeculativeConfig
 
         spec = SpeculativeConfig(draft_model=str(default_eagle_head_dir()), num_draft_tokens=4)
         self.engine = LLMEngine(EngineConfig(speculative=spec))

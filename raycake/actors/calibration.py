@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from raycake.engine.llm_engine import LLMEngine, StepRecord
 from raycake.engine.sampling_params import SamplingParams
-from raycake.policies.cost_model import DecodeSample, PrefillSample, StepCostModel
+from raycake.policies.step_cost_model import DecodeSample, PrefillSample, StepCostModel
 
 
 def samples_from_steps(

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raycake.actors.messages import InstanceLoad
-from raycake.policies.cost_model import StepCostModel
 from raycake.policies.scheduling import (
     ClusterView,
     DecodeInstanceView,
@@ -19,6 +18,7 @@ from raycake.policies.scheduling import (
     SchedulingConfig,
     scheduling_policy_from_config,
 )
+from raycake.policies.step_cost_model import StepCostModel
 from raycake.transfer.block_store import BlockStore
 
 # Weight of each new store-read measurement in the conductor's bandwidth estimate.

@@ -7,9 +7,10 @@ from raycake.actors.calibration import calibrate
 from raycake.actors.engine_loop import EngineLoop
 from raycake.actors.expert_shard import enable_expert_parallelism
 from raycake.actors.messages import InstanceLoad, instance_load
-from raycake.config import EngineConfig, TelemetryConfig
+from raycake.cluster.config import TelemetryConfig
+from raycake.engine.config import EngineConfig
 from raycake.engine.llm_engine import LLMEngine
-from raycake.policies.cost_model import StepCostModel
+from raycake.policies.step_cost_model import StepCostModel
 from raycake.telemetry import InstanceMetrics, Telemetry
 from raycake.transfer import make_kv_transfer
 from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options

@@ -9,7 +9,7 @@ from raycake.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from raycake.engine.llm_engine import LLMEngine
-    from raycake.policies.cost_model import StepCostModel
+    from raycake.policies.step_cost_model import StepCostModel
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from raycake.actors.calibration import samples_from_steps
 from raycake.actors.instance import EngineInstance
 from raycake.actors.kv_store import replica_shard, shard_for_block
 from raycake.actors.messages import PrefillResult, PrefillWork
-from raycake.config import EngineConfig, TelemetryConfig
+from raycake.cluster.config import TelemetryConfig
+from raycake.engine.config import EngineConfig
 from raycake.engine.runner import kv_cache_bytes_per_block
-from raycake.policies.cost_model import StepCostModel
+from raycake.policies.step_cost_model import StepCostModel
 from raycake.transfer import KVHandle
 from raycake.transfer.wire import KVBlockHeader, pack_kv, unpack_kv
 

@@ -1,1 +1,2 @@
-"""Cluster assembly from ClusterConfig, and the trace-driven simulator."""
+"""The real Ray cluster: its configuration, the driver that assembles named actors and runs each
+request with retries, and the demo workload."""

@@ -24,7 +24,7 @@ from raycake.actors.decode import DecodeInstance
 from raycake.actors.kv_store import KVStoreShard, replica_shard
 from raycake.actors.messages import DecodeWork, PrefillResult, PrefillWork
 from raycake.actors.prefill import PrefillInstance
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.engine.sampling_params import SamplingParams

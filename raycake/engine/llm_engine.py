@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from raycake.assets import resolve_draft_model
-from raycake.config import EngineConfig, SpeculativeConfig
+from raycake.engine.config import EngineConfig
 from raycake.engine.kv_cache import block_hashes_for
-from raycake.engine.outputs import SchedulerStats
 from raycake.engine.request import Request, RequestStatus
 from raycake.engine.request_output import (
     CompletionOutput,
@@ -31,13 +30,15 @@ from raycake.engine.request_output import (
 from raycake.engine.runner import ModelRunner, num_blocks_for
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.scheduler import DraftBudget, Scheduler
-from raycake.engine.spec_decode import SpecDecodeStats
-from raycake.engine.spec_runner import SpecDecodeRunner
+from raycake.engine.spec.config import SpeculativeConfig
+from raycake.engine.spec.controller import SpeculationController
+from raycake.engine.spec.runner import SpecDecodeRunner
+from raycake.engine.spec.tree import SpecDecodeStats
+from raycake.engine.step_contract import SchedulerStats
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from raycake.policies.speculation_controller import SpeculationController
 
 
 @dataclass(frozen=True)

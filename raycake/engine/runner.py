@@ -14,11 +14,12 @@ from typing import NamedTuple
 
 import torch
 
-from raycake.config import CacheConfig, ModelConfig
-from raycake.engine.outputs import RunnerOutput, SchedulerOutput
+from raycake.engine.config import CacheConfig
 from raycake.engine.sampler import sample
 from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
 from raycake.model.attention import AttentionMetadata, QuerySpan
+from raycake.model.config import ModelConfig
 from raycake.model.llama import LlamaForCausalLM
 
 

@@ -13,9 +13,10 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from raycake.config import CacheConfig, SchedulerConfig
+from raycake.engine.config import CacheConfig, SchedulerConfig
 from raycake.engine.kv_cache import KVCacheManager
-from raycake.engine.outputs import (
+from raycake.engine.request import Request, RequestStatus
+from raycake.engine.step_contract import (
     CachedRequestData,
     NewRequestData,
     RequestUpdate,
@@ -23,7 +24,6 @@ from raycake.engine.outputs import (
     SchedulerOutput,
     SchedulerStats,
 )
-from raycake.engine.request import Request, RequestStatus
 from raycake.policies.eviction import make_eviction_policy
 
 # Speculation: request ids of this step's decodes -> draft tokens (tree nodes) for each; 0 or a

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from raycake.config import ModelConfig, MoEConfig
 from raycake.model.attention import AttentionMetadata
+from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaDecoderLayer
 from raycake.model.rope import RotaryEmbedding
 

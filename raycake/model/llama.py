@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycake.config import ModelConfig, MoEConfig
 from raycake.model.attention import AttentionMetadata, dense_causal_attention, paged_attention
+from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.moe import MoEFeedForward
 from raycake.model.rope import RotaryEmbedding, apply_rotary
 from raycake.policies.routing import Router, RoutingResult, make_router

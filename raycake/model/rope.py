@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from raycake.config import ModelConfig, RopeScaling
+from raycake.model.config import ModelConfig, RopeScaling
 
 
 def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:

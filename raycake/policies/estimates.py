@@ -17,7 +17,7 @@ from raycake.policies.cluster_view import (
     RequestView,
     ScheduleDecision,
 )
-from raycake.policies.cost_model import transfer_seconds
+from raycake.policies.step_cost_model import transfer_seconds
 
 
 @dataclass(frozen=True)

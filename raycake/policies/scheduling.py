@@ -16,7 +16,6 @@ import math
 import random
 from typing import Any
 
-from raycake.config import SchedulingConfig
 from raycake.policies.baseline_routers import DynamoKvRouter, SGLangCacheAwareRouter
 from raycake.policies.cluster_view import (
     ClusterView,
@@ -37,6 +36,7 @@ from raycake.policies.estimates import (
     predict_decode_load,
     predict_tbt,
 )
+from raycake.policies.scheduling_config import SchedulingConfig
 
 # The views and estimates are re-exported: callers take everything a policy needs from here.
 __all__ = [

@@ -23,43 +23,27 @@ Pure Python: no torch, no Ray.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raycake.config import SpeculativeConfig
-from raycake.policies.cost_model import StepCostModel
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.validation import is_count, is_number, require
 
 SPECULATION_POLICY_NAMES = ("adaptive", "fixed", "off")
 # alpha is clamped below this: at alpha -> 1 the model would draft without bound.
 MAX_ACCEPTANCE_RATE = 0.99
 
 
-def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def expected_emitted_tokens(acceptance_rate: float, num_draft_tokens: int) -> float:
     """Tokens one verify step emits on average (accepted drafts + the target's own token)."""
-    _require(
-        _is_number(acceptance_rate) and 0.0 <= acceptance_rate <= 1.0,
+    require(
+        is_number(acceptance_rate) and 0.0 <= acceptance_rate <= 1.0,
         "acceptance_rate",
         "a number in [0, 1]",
         acceptance_rate,
     )
-    _require(
-        _is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
-    )
+    require(is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens)
     if acceptance_rate == 1.0:
         return float(num_draft_tokens + 1)
     return (1.0 - acceptance_rate ** (num_draft_tokens + 1)) / (1.0 - acceptance_rate)
@@ -70,11 +54,9 @@ def acceptance_rate_from_length(mean_emitted_tokens: float, num_draft_tokens: in
 
     For callers that only know the mean acceptance length at a fixed k (e.g. a paper's number).
     """
-    _require(
-        _is_count(num_draft_tokens, 1), "num_draft_tokens", "an integer >= 1", num_draft_tokens
-    )
-    _require(
-        _is_number(mean_emitted_tokens) and 1.0 <= mean_emitted_tokens <= num_draft_tokens + 1,
+    require(is_count(num_draft_tokens, 1), "num_draft_tokens", "an integer >= 1", num_draft_tokens)
+    require(
+        is_number(mean_emitted_tokens) and 1.0 <= mean_emitted_tokens <= num_draft_tokens + 1,
         "mean_emitted_tokens",
         f"a number in [1, {num_draft_tokens + 1}] (1 + accepted drafts)",
         mean_emitted_tokens,
@@ -97,7 +79,7 @@ def tree_shape(budget: int, max_depth: int, tree_top_k: int) -> tuple[int, int]:
     top choice is usually right, width costs head rows and verify tokens for little gain.
     """
     for name, value in (("budget", budget), ("max_depth", max_depth), ("tree_top_k", tree_top_k)):
-        _require(_is_count(value, 1), name, "an integer >= 1", value)
+        require(is_count(value, 1), name, "an integer >= 1", value)
     depth = min(max_depth, budget)
     return depth, min(tree_top_k, -(-budget // depth))
 
@@ -120,22 +102,22 @@ class SpecRequestView:
     depth_acceptance: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(
-            _is_number(self.acceptance_rate) and 0.0 <= self.acceptance_rate <= 1.0,
+        require(
+            is_number(self.acceptance_rate) and 0.0 <= self.acceptance_rate <= 1.0,
             f"SpecRequestView({self.request_id!r}).acceptance_rate",
             "a number in [0, 1]",
             self.acceptance_rate,
         )
         if self.tokens_left is not None:
-            _require(
-                _is_count(self.tokens_left, 1),
+            require(
+                is_count(self.tokens_left, 1),
                 f"SpecRequestView({self.request_id!r}).tokens_left",
                 "an integer >= 1 or None",
                 self.tokens_left,
             )
-        _require(
+        require(
             isinstance(self.depth_acceptance, tuple)
-            and all(_is_number(r) and 0.0 <= r <= 1.0 for r in self.depth_acceptance),
+            and all(is_number(r) and 0.0 <= r <= 1.0 for r in self.depth_acceptance),
             f"SpecRequestView({self.request_id!r}).depth_acceptance",
             "a tuple of numbers in [0, 1]",
             self.depth_acceptance,
@@ -186,7 +168,7 @@ class SpecCostView:
     plain_per_token_s: float | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             (self.plain_fixed_s is None) == (self.plain_per_token_s is None),
             "SpecCostView.plain_fixed_s",
             "set together with plain_per_token_s, or both None",
@@ -202,13 +184,13 @@ class SpecCostView:
             *plain,
         ):
             value = getattr(self, name)
-            _require(
-                _is_number(value) and value >= 0,
+            require(
+                is_number(value) and value >= 0,
                 f"SpecCostView.{name}",
                 "a finite number >= 0",
                 value,
             )
-        _require(
+        require(
             self.target_fixed_s + self.target_per_token_s > 0,
             "SpecCostView.target_fixed_s",
             "a target step that costs time (target_fixed_s + target_per_token_s > 0)",
@@ -306,9 +288,9 @@ def _cap(budget: int, request: SpecRequestView) -> int:
 
 def _check_requests(requests: Sequence[SpecRequestView]) -> None:
     bad = [r for r in requests if not isinstance(r, SpecRequestView)]
-    _require(not bad, "requests", "SpecRequestView items", bad[:1])
+    require(not bad, "requests", "SpecRequestView items", bad[:1])
     ids = [r.request_id for r in requests]
-    _require(len(set(ids)) == len(ids), "requests", "distinct request ids", ids)
+    require(len(set(ids)) == len(ids), "requests", "distinct request ids", ids)
 
 
 # --- Policies ---------------------------------------------------------------------------------
@@ -332,8 +314,8 @@ class FixedSpeculation:
     name = "fixed"
 
     def __init__(self, num_draft_tokens: int = 4) -> None:
-        _require(
-            _is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
+        require(
+            is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
         )
         self.num_draft_tokens = num_draft_tokens
 
@@ -366,11 +348,11 @@ class AdaptiveSpeculation:
     name = "adaptive"
 
     def __init__(self, max_draft_tokens: int = 8, min_relative_gain: float = 0.05) -> None:
-        _require(
-            _is_count(max_draft_tokens, 1), "max_draft_tokens", "an integer >= 1", max_draft_tokens
+        require(
+            is_count(max_draft_tokens, 1), "max_draft_tokens", "an integer >= 1", max_draft_tokens
         )
-        _require(
-            _is_number(min_relative_gain) and min_relative_gain >= 0,
+        require(
+            is_number(min_relative_gain) and min_relative_gain >= 0,
             "min_relative_gain",
             "a finite number >= 0",
             min_relative_gain,
@@ -382,7 +364,7 @@ class AdaptiveSpeculation:
         self, requests: Sequence[SpecRequestView], cost: SpecCostView | None = None
     ) -> SpeculationDecision:
         _check_requests(requests)
-        _require(isinstance(cost, SpecCostView), "cost", "a SpecCostView", cost)
+        require(isinstance(cost, SpecCostView), "cost", "a SpecCostView", cost)
         assert cost is not None
         plain = {r.request_id: 0 for r in requests}
         if not requests:
@@ -469,15 +451,3 @@ def make_speculation_policy(name: str, **kwargs: Any) -> SpeculationPolicy:
             f"speculation_policy: expected one of {sorted(SPECULATION_POLICIES)}, got {name!r}"
         ) from None
     return cls(**kwargs)
-
-
-def speculation_policy_from_config(config: SpeculativeConfig) -> SpeculationPolicy:
-    """``config.policy`` with ``num_draft_tokens`` as the fixed budget, or (up to ``max_depth``)
-    as the adaptive maximum."""
-    if config.method is None or config.policy == "off":
-        return NoSpeculation()
-    if config.policy == "fixed":
-        return FixedSpeculation(config.num_draft_tokens)
-    # The goodput model values depth, not width: nodes beyond the tree's depth widen it, which
-    # the model would count as cost only, so adaptive budgets stop at the depth.
-    return AdaptiveSpeculation(max_draft_tokens=min(config.num_draft_tokens, config.max_depth))

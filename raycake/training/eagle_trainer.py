@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from raycake.config import EagleTrainConfig
 from raycake.model.eagle import EagleDraftHead, save_eagle_head
 from raycake.model.llama import LlamaForCausalLM
 from raycake.model.loader import load_model, resolve_model_path
 from raycake.training.bpe import EOS
+from raycake.training.config import EagleTrainConfig
 from raycake.training.corpus import read_texts, split_corpus
 from raycake.training.trainer import encode_corpus, init_weights, learning_rate
 

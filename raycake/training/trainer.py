@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from raycake.config import ModelConfig, MoEConfig, TrainConfig
+from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from raycake.model.loader import save_checkpoint
 from raycake.model.moe import MoEStats
 from raycake.training.bpe import BOS, EOS, save_tokenizer, train_bpe
+from raycake.training.config import TrainConfig
 from raycake.training.corpus import read_texts, split_corpus
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from raycake.actors.calibration import calibrate, samples_from_steps
-from raycake.config import EngineConfig
+from raycake.engine.config import EngineConfig
 from raycake.engine.llm_engine import LLMEngine, StepRecord
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from raycake.actors.conductor import Conductor
 from raycake.actors.messages import InstanceLoad
-from raycake.config import SchedulingConfig
 from raycake.policies.scheduling import Rejection, ScheduleDecision
+from raycake.policies.scheduling_config import SchedulingConfig
 
 COST = {
     "prefill_fixed_s": 0.005,

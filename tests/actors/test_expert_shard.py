@@ -131,7 +131,8 @@ def test_killed_shard_is_restarted_and_the_call_retried(ray_session, tmp_path): 
 
 def test_engine_serves_through_expert_shards(ray_session, tmp_path):  # noqa: F811
     from raycake import LLM, SamplingParams
-    from raycake.config import EngineConfig, MoEConfig
+    from raycake.engine.config import EngineConfig
+    from raycake.model.config import MoEConfig
 
     build_mixtral_checkpoint(tmp_path, 4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -154,7 +155,8 @@ def test_engine_serves_through_expert_shards(ray_session, tmp_path):  # noqa: F8
 def test_int8_experts_in_shards_match_int8_in_process(ray_session, tmp_path):  # noqa: F811
     """quantization="int8" reaches the shards: they run Int8FusedExperts, same tokens as local."""
     from raycake import LLM, SamplingParams
-    from raycake.config import EngineConfig, MoEConfig
+    from raycake.engine.config import EngineConfig
+    from raycake.model.config import MoEConfig
 
     build_mixtral_checkpoint(tmp_path, 4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -180,7 +182,7 @@ def test_auto_transport_compiles_only_with_a_core_per_busy_thread():
 
 
 def test_router_is_chosen_by_name_in_config(tmp_path):
-    from raycake.config import MoEConfig
+    from raycake.model.config import MoEConfig
     from raycake.policies.routing import HashRouter, SwitchTop1Router
 
     build_mixtral_checkpoint(tmp_path, 4)

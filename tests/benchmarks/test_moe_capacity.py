@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.moe_capacity import measure, parse_args, token_windows
-from raycake.config import ModelConfig
+from raycake.model.config import ModelConfig
 from raycake.model.llama import LlamaForCausalLM
 from raycake.model.loader import load_model, save_checkpoint
 from raycake.model.moe import MoEFeedForward

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import benchmarks.scheduling_study as study
-from raycake.cluster.traces import SyntheticTraceConfig, generate_trace, write_trace
+from raycake.sim.traces import SyntheticTraceConfig, generate_trace, write_trace
 
 
 def test_study_runs_every_policy_at_every_rate():

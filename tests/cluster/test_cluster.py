@@ -11,7 +11,8 @@ import pytest
 
 from raycake import LLM, SamplingParams
 from raycake.cluster.cluster import Cluster
-from raycake.config import ClusterConfig, SchedulingConfig, TelemetryConfig
+from raycake.cluster.config import ClusterConfig, TelemetryConfig
+from raycake.policies.scheduling_config import SchedulingConfig
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 PROMPTS = [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import ray
 
 from raycake import LLM, SamplingParams
 from raycake.cluster.cluster import Cluster
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 PROMPT = "def fibonacci(n):"

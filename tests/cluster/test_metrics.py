@@ -10,7 +10,7 @@ import pytest
 
 from raycake import SamplingParams
 from raycake.cluster.cluster import Cluster
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
 from tests.ray_fixture import METRICS_PORT_ENV, ray_session  # noqa: F401 - the session fixture
 
 

@@ -6,7 +6,7 @@ import ray
 
 from raycake import LLM, SamplingParams
 from raycake.cluster.cluster import Cluster
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 PREFIX = "import json\nimport os\n\n\nclass Settings:\n    def __init__(self, path):\n        self.path = path\n"

@@ -8,7 +8,7 @@ import pytest
 
 from raycake import LLM, SamplingParams
 from raycake.cluster.cluster import Cluster
-from raycake.config import ClusterConfig
+from raycake.cluster.config import ClusterConfig
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):"]

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from raycake.config import CacheConfig, EngineConfig
+from raycake.engine.config import CacheConfig, EngineConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.sampling_params import SamplingParams
 from tests.llama_checkpoints import CONFIGS, build_checkpoint

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from raycake import LLM, SamplingParams
-from raycake.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig
+from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from raycake.engine.llm_engine import moe_load_since
+from raycake.model.config import MoEConfig
 from raycake.model.moe import MoEStats
 from raycake.policies.routing import SwitchTop1Router
 from tests.llama_checkpoints import CONFIGS, build_checkpoint, build_mixtral_checkpoint

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from raycake.config import CacheConfig, SchedulerConfig
-from raycake.engine.outputs import RequestUpdate, RunnerOutput, SchedulerOutput
+from raycake.engine.config import CacheConfig, SchedulerConfig
 from raycake.engine.request import Request, RequestStatus
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.scheduler import RequestRejected, Scheduler
+from raycake.engine.step_contract import RequestUpdate, RunnerOutput, SchedulerOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BS = 4

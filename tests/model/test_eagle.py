@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from raycake.config import ModelConfig
 from raycake.model.attention import AttentionMetadata, QuerySpan
+from raycake.model.config import ModelConfig
 from raycake.model.eagle import EAGLE_ARCHITECTURE, EagleDraftHead, load_eagle_head, save_eagle_head
 
 CONFIG = ModelConfig(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from raycake.config import ModelConfig
+from raycake.model.config import ModelConfig
 from raycake.model.int8_linear import Int8FusedExperts, Int8Linear, quantize_model
 from raycake.model.llama import LlamaForCausalLM
 from raycake.model.moe import MoEFeedForward

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
-from raycake.config import ModelConfig, RopeScaling
+from raycake.model.config import ModelConfig, RopeScaling
 from raycake.model.llama import LlamaForCausalLM
 from raycake.model.loader import CheckpointError, load_model, save_checkpoint
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raycake import LLM, SamplingParams
-from raycake.config import EngineConfig, ModelConfig, MoEConfig
+from raycake.engine.config import EngineConfig
+from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaForCausalLM, LlamaMLP
 from raycake.model.loader import load_model, read_model_config, save_checkpoint
 from raycake.model.moe import MoEFeedForward

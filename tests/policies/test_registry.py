@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from raycake.config import SCHEDULING_POLICY_NAMES, SchedulingConfig
 from raycake.policies.scheduling import SCHEDULING_POLICIES, scheduling_policy_from_config
+from raycake.policies.scheduling_config import SCHEDULING_POLICY_NAMES, SchedulingConfig
 
 
 def test_config_names_every_registered_policy():

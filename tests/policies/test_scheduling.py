@@ -375,7 +375,7 @@ def test_policies_import_without_torch_ray_or_numpy():
     code = (
         "import sys\n"
         "sys.modules.update(torch=None, ray=None, numpy=None)\n"
-        "import raycake.policies.cost_model, raycake.policies.scheduling\n"
+        "import raycake.policies.step_cost_model, raycake.policies.scheduling\n"
         "import raycake.policies.baseline_routers, raycake.policies.estimates\n"
     )
     result = subprocess.run(

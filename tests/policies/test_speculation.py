@@ -14,9 +14,7 @@ import sys
 
 import pytest
 
-from raycake.config import SPECULATION_POLICIES as config_policy_names
-from raycake.config import SpeculativeConfig
-from raycake.policies.cost_model import StepCostModel
+from raycake.engine.spec.config import SpeculativeConfig
 from raycake.policies.speculation import (
     SPECULATION_POLICIES,
     SPECULATION_POLICY_NAMES,
@@ -32,6 +30,8 @@ from raycake.policies.speculation import (
     speculation_policy_from_config,
     tree_shape,
 )
+from raycake.policies.speculation import SPECULATION_POLICIES as config_policy_names
+from raycake.policies.step_cost_model import StepCostModel
 
 COST = SpecCostView(target_fixed_s=0.010, target_per_token_s=0.05e-3, draft_fixed_s=0.001)
 
@@ -219,7 +219,7 @@ def test_policy_from_config():
 def test_imports_without_torch_or_ray():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['ray'] = None\n"
-        "import raycake.policies.speculation as s, raycake.policies.speculation_controller\n"
+        "import raycake.policies.speculation as s, raycake.engine.spec.controller\n"
         "print(s.AdaptiveSpeculation().decide([s.SpecRequestView('a', 0.8)], "
         "s.SpecCostView(target_fixed_s=0.01, target_per_token_s=0, draft_fixed_s=0.001)).draft_tokens)"
     )

@@ -6,7 +6,7 @@ Prefill: 0.02 + 2e-4 x new + 1e-7 x new x (cached + new / 2) seconds; decode ste
 
 from __future__ import annotations
 
-from raycake.policies.cost_model import StepCostModel
+from raycake.policies.step_cost_model import StepCostModel
 
 COST = StepCostModel(
     prefill_fixed_s=0.02,

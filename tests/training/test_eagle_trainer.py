@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from raycake.assets import default_model_dir
 from raycake.cli import main
-from raycake.config import EagleTrainConfig
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import read_model_config
+from raycake.training.config import EagleTrainConfig
 from raycake.training.eagle_trainer import draft_vocab_coverage, most_frequent_tokens
 
 TINY_HEAD = [

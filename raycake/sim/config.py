@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from raycake.cluster.cost_model import RooflineCostModel
-from raycake.cluster.traces import TRACE_BLOCK_SIZE
-from raycake.config import SCHEDULING_POLICY_NAMES, SchedulingConfig
 from raycake.policies.cluster_view import SchedulingPolicy
-from raycake.policies.cost_model import StepCostModel
 from raycake.policies.scheduling import scheduling_policy_from_config
+from raycake.policies.scheduling_config import SCHEDULING_POLICY_NAMES, SchedulingConfig
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.roofline import RooflineCostModel
+from raycake.sim.traces import TRACE_BLOCK_SIZE
+from raycake.validation import is_count, require
 
 
 class StepTimer(Protocol):
@@ -23,12 +24,7 @@ class StepTimer(Protocol):
 
 
 def _check(condition: bool, name: str, expected: str, got: object) -> None:
-    if not condition:
-        raise ValueError(f"simulation.{name}: expected {expected}, got {got!r}")
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    require(condition, f"simulation.{name}", expected, got)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,14 +53,14 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode", "kv_block_bytes", "decode_kv_blocks"):
-            _check(_is_int(getattr(self, name), 1), name, "an integer >= 1", getattr(self, name))
+            _check(is_count(getattr(self, name), 1), name, "an integer >= 1", getattr(self, name))
         for name in ("max_num_seqs", "block_size"):
-            _check(_is_int(getattr(self, name), 1), name, "an integer >= 1", getattr(self, name))
+            _check(is_count(getattr(self, name), 1), name, "an integer >= 1", getattr(self, name))
         for name in ("prefill_cache_blocks", "store_capacity_blocks"):
             value = getattr(self, name)
-            _check(value is None or _is_int(value, 0), name, "None or an integer >= 0", value)
+            _check(value is None or is_count(value, 0), name, "None or an integer >= 0", value)
         _check(
-            self.prefill_chunk_tokens is None or _is_int(self.prefill_chunk_tokens, 1),
+            self.prefill_chunk_tokens is None or is_count(self.prefill_chunk_tokens, 1),
             "prefill_chunk_tokens",
             "None or an integer >= 1",
             self.prefill_chunk_tokens,

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from raycake.config import SpeculativeConfig
-from raycake.engine.outputs import RunnerOutput, SchedulerOutput
 from raycake.engine.runner import (
     ChunkInputs,
     ModelRunner,
@@ -37,7 +35,9 @@ from raycake.engine.runner import (
     _additive_mask,
     reseed,
 )
-from raycake.engine.spec_decode import (
+from raycake.engine.spec.config import SpeculativeConfig
+from raycake.engine.spec.controller import SpeculationController
+from raycake.engine.spec.tree import (
     DraftTree,
     SpecDecodeStats,
     select_tree,
@@ -46,11 +46,11 @@ from raycake.engine.spec_decode import (
     verify_greedy,
     verify_sampling,
 )
+from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
 from raycake.model.attention import AttentionMetadata, QuerySpan
 from raycake.model.eagle import EagleDraftHead
 from raycake.model.llama import LlamaForCausalLM
 from raycake.policies.speculation import tree_shape
-from raycake.policies.speculation_controller import SpeculationController
 
 # Verify steps whose timings are not reported to the speculation policy (see ``execute``).
 COLD_VERIFY_STEPS = 3

@@ -13,29 +13,31 @@ import statistics
 import pyarrow as pa
 import pytest
 
-from raycake.cluster.calibrate import (
+from raycake.cluster.config import ClusterConfig
+from raycake.engine.config import EngineConfig
+from raycake.policies.scheduling import scheduling_policy_from_config
+from raycake.policies.scheduling_config import SchedulingConfig
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.calibration.calibrate import (
     calibrate_simulator,
     calibration_trace,
 )
-from raycake.cluster.calibrate_replay import (
+from raycake.sim.calibration.driver_timed import simulate_as_driver
+from raycake.sim.calibration.overheads import CalibratedStepTimer, ClusterOverheads, fit_overheads
+from raycake.sim.calibration.replay import (
     ReplayedRequest,
     prompt_tokens_for,
     slowest_share_tbt,
     trace_in_engine_blocks,
 )
-from raycake.cluster.calibrate_sim import simulate_as_driver
-from raycake.cluster.calibrate_steps import (
+from raycake.sim.calibration.steps import (
     StepPlan,
     measure_engine_steps_like_instances,
     relative_errors,
 )
-from raycake.cluster.calibrate_timer import CalibratedStepTimer, ClusterOverheads, fit_overheads
-from raycake.cluster.sim_config import SimulationConfig
-from raycake.cluster.simulate import simulate
-from raycake.cluster.traces import TRACE_SCHEMA
-from raycake.config import ClusterConfig, EngineConfig, SchedulingConfig
-from raycake.policies.cost_model import StepCostModel
-from raycake.policies.scheduling import scheduling_policy_from_config
+from raycake.sim.config import SimulationConfig
+from raycake.sim.simulate import simulate
+from raycake.sim.traces import TRACE_SCHEMA
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 MODEL = StepCostModel(

@@ -18,6 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from raycake.validation import is_int
+
 TRACE_BLOCK_SIZE = 512
 TRACE_SCHEMA = pa.schema(
     [
@@ -45,10 +47,6 @@ class TraceFormatError(ValueError):
         )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_trace_line(line: str, block_size: int = TRACE_BLOCK_SIZE) -> tuple[int, int, int, list]:
     """(timestamp_ms, input_length, output_length, hash_ids) of one line; ValueError naming the
     field otherwise."""
@@ -67,13 +65,13 @@ def parse_trace_line(line: str, block_size: int = TRACE_BLOCK_SIZE) -> tuple[int
     # Some exporters write integral float timestamps; keep them, reject fractional ones.
     if isinstance(timestamp, float) and timestamp.is_integer():
         timestamp = int(timestamp)
-    if not _is_int(timestamp) or timestamp < 0:
+    if not is_int(timestamp) or timestamp < 0:
         raise ValueError(f"timestamp: expected an integer >= 0 (ms), got {record['timestamp']!r}")
     for name in ("input_length", "output_length"):
-        if not _is_int(record[name]) or record[name] < 1:
+        if not is_int(record[name]) or record[name] < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {record[name]!r}")
     hash_ids = record["hash_ids"]
-    if not isinstance(hash_ids, list) or not all(_is_int(h) for h in hash_ids):
+    if not isinstance(hash_ids, list) or not all(is_int(h) for h in hash_ids):
         raise ValueError(f"hash_ids: expected a list of integers, got {str(hash_ids)[:60]}")
     expected = -(-record["input_length"] // block_size)
     if len(hash_ids) != expected:
@@ -182,7 +180,7 @@ def speed_up(trace: pa.Table, factor: float) -> pa.Table:
 
 def head(trace: pa.Table, num_requests: int) -> pa.Table:
     """The first ``num_requests`` requests."""
-    if not _is_int(num_requests) or num_requests < 1:
+    if not is_int(num_requests) or num_requests < 1:
         raise ValueError(f"num_requests: expected an integer >= 1, got {num_requests!r}")
     return trace.slice(0, num_requests)
 
@@ -190,7 +188,7 @@ def head(trace: pa.Table, num_requests: int) -> pa.Table:
 def repeat(trace: pa.Table, times: int) -> pa.Table:
     """``times`` back-to-back copies; each copy's hash ids are offset so copies share no prefix
     (a longer trace with the same statistics, e.g. for speed tests)."""
-    if not _is_int(times) or times < 1:
+    if not is_int(times) or times < 1:
         raise ValueError(f"times: expected an integer >= 1, got {times!r}")
     timestamps = trace.column("timestamp_ms").to_pylist()
     hashes = trace.column("hash_ids").to_pylist()
@@ -282,7 +280,7 @@ class SyntheticTraceConfig:
             "max_input_tokens",
         ):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"synthetic_trace.{name}: expected an integer >= 1, got {value!r}")
         for name in ("rate_per_s", "burstiness"):
             value = getattr(self, name)
@@ -303,7 +301,7 @@ class SyntheticTraceConfig:
                 "synthetic_trace.agent_share: session_share + agent_share must be <= 1, got "
                 f"{self.session_share} + {self.agent_share}"
             )
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"synthetic_trace.seed: expected an integer, got {self.seed!r}")
 
 

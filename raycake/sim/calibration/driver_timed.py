@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from raycake.cluster.sim_cluster import SimulatedCluster
-from raycake.cluster.sim_config import SimulationConfig
-from raycake.cluster.sim_instances import SimRequest
-from raycake.cluster.sim_results import SimulationResult
 from raycake.policies.cluster_view import SchedulingPolicy
+from raycake.sim.config import SimulationConfig
+from raycake.sim.event_loop import SimulatedCluster
+from raycake.sim.instances import SimRequest
+from raycake.sim.results import SimulationResult
 
 _TRANSFER_DONE = 1  # sim_cluster's event kind for "KV landed" (dispatched to _transfer_done)
 

@@ -19,7 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from raycake.cluster.hardware import (
+from raycake.policies.step_cost_model import (
+    DecodeSample,
+    PrefillSample,
+    StepCostModel,
+    attention_work,
+)
+from raycake.sim.hardware import (
     GB,
     GPU_PRESETS,
     MODEL_PRESETS,
@@ -28,7 +34,6 @@ from raycake.cluster.hardware import (
     gpu_preset,
     model_preset,
 )
-from raycake.policies.cost_model import DecodeSample, PrefillSample, StepCostModel, attention_work
 
 __all__ = [
     "GPU_PRESETS",

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from raycake import LLM, SamplingParams
-from raycake.config import SpeculativeConfig
-from raycake.engine.spec_decode import DraftTree, verify_greedy, verify_sampling
+from raycake.engine.spec.config import SpeculativeConfig
+from raycake.engine.spec.controller import AcceptanceTracker
+from raycake.engine.spec.tree import DraftTree, verify_greedy, verify_sampling
 from raycake.model.eagle import EagleDraftHead, load_eagle_head, save_eagle_head
 from raycake.model.loader import read_model_config
-from raycake.policies.speculation_controller import AcceptanceTracker
 from tests.llama_checkpoints import CONFIGS, build_checkpoint, build_mixtral_checkpoint
 
 

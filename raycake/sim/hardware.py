@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from raycake.config import ModelConfig
+from raycake.model.config import ModelConfig
 
 GB = 1e9
 

@@ -9,21 +9,21 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from raycake.cluster.sim_cluster import SimulatedCluster
-from raycake.cluster.sim_config import (
+from raycake.policies.cluster_view import SchedulingPolicy
+from raycake.sim.config import (
     POLICY_NAMES,
     SimulationConfig,
     StepTimer,
     policy_from_name,
 )
-from raycake.cluster.sim_results import (
+from raycake.sim.event_loop import SimulatedCluster
+from raycake.sim.results import (
     SimulationResult,
     SimulationSummary,
     plot_latency_cdfs,
     summaries_table,
 )
-from raycake.cluster.traces import speed_up
-from raycake.policies.cluster_view import SchedulingPolicy
+from raycake.sim.traces import speed_up
 
 __all__ = [
     "POLICY_NAMES",

@@ -9,7 +9,7 @@ import statistics
 import pyarrow as pa
 import pytest
 
-from raycake.cluster.traces import (
+from raycake.sim.traces import (
     TRACE_SCHEMA,
     SyntheticTraceConfig,
     TraceFormatError,

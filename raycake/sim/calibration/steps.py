@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raycake.config import EngineConfig
+from raycake.engine.config import EngineConfig
 from raycake.engine.llm_engine import LLMEngine, StepRecord
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.engine.sampling_params import SamplingParams
-from raycake.policies.cost_model import DecodeSample, PrefillSample, StepCostModel
+from raycake.policies.step_cost_model import DecodeSample, PrefillSample, StepCostModel
 
 
 @dataclass(frozen=True, kw_only=True)

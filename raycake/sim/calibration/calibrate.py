@@ -25,7 +25,19 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from raycake.cluster.calibrate_replay import (
+from raycake.cluster.cluster import Cluster
+from raycake.engine.runner import kv_cache_bytes_per_block, num_blocks_for
+from raycake.model.loader import DTYPES, read_model_config, resolve_model_path
+from raycake.policies.cluster_view import SchedulingPolicy
+from raycake.policies.scheduling import scheduling_policy_from_config
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.calibration.driver_timed import simulate_as_driver
+from raycake.sim.calibration.overheads import (
+    CalibratedStepTimer,
+    ClusterOverheads,
+    fit_overheads,
+)
+from raycake.sim.calibration.replay import (
     COMPARED_METRICS,
     MetricComparison,
     as_simulated,
@@ -34,27 +46,15 @@ from raycake.cluster.calibrate_replay import (
     replay_on_cluster,
     trace_in_engine_blocks,
 )
-from raycake.cluster.calibrate_sim import simulate_as_driver
-from raycake.cluster.calibrate_steps import (
+from raycake.sim.calibration.steps import (
     StepMeasurements,
     StepPlan,
     measure_engine_steps_like_instances,
     measure_transfer_bandwidth,
     relative_errors,
 )
-from raycake.cluster.calibrate_timer import (
-    CalibratedStepTimer,
-    ClusterOverheads,
-    fit_overheads,
-)
-from raycake.cluster.cluster import Cluster
-from raycake.cluster.sim_config import SimulationConfig
-from raycake.cluster.traces import SyntheticTraceConfig, generate_trace
-from raycake.engine.runner import kv_cache_bytes_per_block, num_blocks_for
-from raycake.model.loader import DTYPES, read_model_config, resolve_model_path
-from raycake.policies.cluster_view import SchedulingPolicy
-from raycake.policies.cost_model import StepCostModel
-from raycake.policies.scheduling import scheduling_policy_from_config
+from raycake.sim.config import SimulationConfig
+from raycake.sim.traces import SyntheticTraceConfig, generate_trace
 
 ERROR_GOAL = 0.25
 # Seeded simulations per prediction of the calibrated twin (its decode steps are random draws).

@@ -12,18 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-
-def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+from raycake.validation import is_count, is_number, require
 
 
 def attention_work(num_new_tokens: float, num_cached_tokens: float) -> float:
@@ -38,11 +27,9 @@ def attention_work(num_new_tokens: float, num_cached_tokens: float) -> float:
 
 def transfer_seconds(num_bytes: float, bandwidth_bytes_per_s: float) -> float:
     """Seconds to move ``num_bytes`` at a sustained bandwidth (no per-transfer latency)."""
-    _require(
-        _is_number(num_bytes) and num_bytes >= 0, "num_bytes", "a finite number >= 0", num_bytes
-    )
-    _require(
-        _is_number(bandwidth_bytes_per_s) and bandwidth_bytes_per_s > 0,
+    require(is_number(num_bytes) and num_bytes >= 0, "num_bytes", "a finite number >= 0", num_bytes)
+    require(
+        is_number(bandwidth_bytes_per_s) and bandwidth_bytes_per_s > 0,
         "bandwidth_bytes_per_s",
         "a finite number > 0",
         bandwidth_bytes_per_s,
@@ -59,20 +46,20 @@ class PrefillSample:
     seconds: float
 
     def __post_init__(self) -> None:
-        _require(
-            _is_count(self.num_new_tokens, 1),
+        require(
+            is_count(self.num_new_tokens, 1),
             "PrefillSample.num_new_tokens",
             "an integer >= 1",
             self.num_new_tokens,
         )
-        _require(
-            _is_count(self.num_cached_tokens, 0),
+        require(
+            is_count(self.num_cached_tokens, 0),
             "PrefillSample.num_cached_tokens",
             "an integer >= 0",
             self.num_cached_tokens,
         )
-        _require(
-            _is_number(self.seconds) and self.seconds > 0,
+        require(
+            is_number(self.seconds) and self.seconds > 0,
             "PrefillSample.seconds",
             "a finite number > 0",
             self.seconds,
@@ -88,20 +75,20 @@ class DecodeSample:
     seconds: float
 
     def __post_init__(self) -> None:
-        _require(
-            _is_count(self.batch_size, 1),
+        require(
+            is_count(self.batch_size, 1),
             "DecodeSample.batch_size",
             "an integer >= 1",
             self.batch_size,
         )
-        _require(
-            _is_count(self.total_context_tokens, 0),
+        require(
+            is_count(self.total_context_tokens, 0),
             "DecodeSample.total_context_tokens",
             "an integer >= 0",
             self.total_context_tokens,
         )
-        _require(
-            _is_number(self.seconds) and self.seconds > 0,
+        require(
+            is_number(self.seconds) and self.seconds > 0,
             "DecodeSample.seconds",
             "a finite number > 0",
             self.seconds,
@@ -127,8 +114,8 @@ class StepCostModel:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            _require(
-                _is_number(value) and value >= 0,
+            require(
+                is_number(value) and value >= 0,
                 f"cost_model.{f.name}",
                 "a finite number >= 0",
                 value,
@@ -184,7 +171,7 @@ class StepCostModel:
             ("decode_samples", decode_samples, DecodeSample),
         ):
             bad = [s for s in samples if not isinstance(s, kind)]
-            _require(not bad, name, f"{kind.__name__} items", bad[:1])
+            require(not bad, name, f"{kind.__name__} items", bad[:1])
         prefill = _fit_nonnegative(
             "prefill_samples",
             "(num_new_tokens, num_cached_tokens)",
@@ -238,7 +225,7 @@ def _fit_nonnegative(
     """
     num_features = len(rows[0]) if rows else 3
     num_distinct = len(set(rows))
-    _require(
+    require(
         num_distinct >= num_features,
         name,
         f"at least {num_features} distinct {point_names} points",

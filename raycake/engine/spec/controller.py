@@ -10,11 +10,9 @@ Pure Python: no torch, no Ray.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from raycake.config import SpeculativeConfig
+from raycake.engine.spec.config import SpeculativeConfig
 from raycake.policies.speculation import (
     SpecCostView,
     SpecRequestView,
@@ -22,20 +20,7 @@ from raycake.policies.speculation import (
     SpeculationPolicy,
     speculation_policy_from_config,
 )
-
-
-def _require(condition: bool, field_name: str, expected: str, got: Any) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
+from raycake.validation import is_count, is_number, require
 
 # --- Acceptance ---------------------------------------------------------------------------------
 
@@ -93,16 +78,16 @@ class AcceptanceTracker:
         learn_prior: bool = True,
         prior_decay: float = 0.98,
     ) -> None:
-        _require(
-            _is_number(prior_rate) and 0.0 <= prior_rate <= 1.0,
+        require(
+            is_number(prior_rate) and 0.0 <= prior_rate <= 1.0,
             "prior_rate",
             "a number in [0, 1]",
             prior_rate,
         )
-        _require(_is_number(prior_weight) and prior_weight > 0, "prior_weight", "> 0", prior_weight)
-        _require(_is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
-        _require(
-            _is_number(prior_decay) and 0.0 < prior_decay <= 1.0,
+        require(is_number(prior_weight) and prior_weight > 0, "prior_weight", "> 0", prior_weight)
+        require(is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
+        require(
+            is_number(prior_decay) and 0.0 < prior_decay <= 1.0,
             "prior_decay",
             "a number in (0, 1]",
             prior_decay,
@@ -124,11 +109,11 @@ class AcceptanceTracker:
 
     def observe(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
         """One verify step: ``num_accepted`` of ``num_draft_tokens`` drafts were accepted."""
-        _require(
-            _is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
+        require(
+            is_count(num_draft_tokens, 0), "num_draft_tokens", "an integer >= 0", num_draft_tokens
         )
-        _require(
-            _is_count(num_accepted, 0) and num_accepted <= num_draft_tokens,
+        require(
+            is_count(num_accepted, 0) and num_accepted <= num_draft_tokens,
             "num_accepted",
             f"an integer in [0, num_draft_tokens={num_draft_tokens}]",
             num_accepted,
@@ -224,13 +209,13 @@ class LinearTimingFit:
     """
 
     def __init__(self, decay: float = 0.98) -> None:
-        _require(_is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
+        require(is_number(decay) and 0.0 < decay <= 1.0, "decay", "a number in (0, 1]", decay)
         self.decay = decay
         self._w = self._x = self._y = self._xx = self._xy = 0.0
 
     def observe(self, size: float, seconds: float) -> None:
-        _require(_is_number(size) and size >= 0, "size", "a finite number >= 0", size)
-        _require(_is_number(seconds) and seconds > 0, "seconds", "a finite number > 0", seconds)
+        require(is_number(size) and size >= 0, "size", "a finite number >= 0", size)
+        require(is_number(seconds) and seconds > 0, "seconds", "a finite number > 0", seconds)
         d = self.decay
         self._w = d * self._w + 1.0
         self._x = d * self._x + size
@@ -312,13 +297,13 @@ class SpeculationController:
         reuse_quiet_decisions: int = 0,
     ) -> None:
         if explore_every is not None:
-            _require(_is_count(explore_every, 1), "explore_every", "an integer >= 1", explore_every)
-        _require(_is_count(probe_tokens, 1), "probe_tokens", "an integer >= 1", probe_tokens)
+            require(is_count(explore_every, 1), "explore_every", "an integer >= 1", explore_every)
+        require(is_count(probe_tokens, 1), "probe_tokens", "an integer >= 1", probe_tokens)
         self.policy = policy
         self.tracker = tracker or AcceptanceTracker()
         self.prior_cost = prior_cost
-        _require(
-            _is_count(reuse_quiet_decisions, 0),
+        require(
+            is_count(reuse_quiet_decisions, 0),
             "reuse_quiet_decisions",
             "an integer >= 0",
             reuse_quiet_decisions,
@@ -474,8 +459,8 @@ class SpeculationController:
         NOTE: the fit is over depth only and decays, so it follows the batch sizes of recent
         steps rather than modelling the number of requests.
         """
-        _require(_is_count(depth, 1), "depth", "an integer >= 1", depth)
-        _require(_is_count(num_seqs, 1), "num_seqs", "an integer >= 1", num_seqs)
+        require(is_count(depth, 1), "depth", "an integer >= 1", depth)
+        require(is_count(num_seqs, 1), "num_seqs", "an integer >= 1", num_seqs)
         self.draft_timing.observe(depth, seconds)
         self._cost = None
 

@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 
 from raycake.cli import main
-from raycake.cluster.traces import SyntheticTraceConfig, generate_trace
+from raycake.sim.traces import SyntheticTraceConfig, generate_trace
 
 
 def _trace(tmp_path):

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from raycake.cluster.cluster import Cluster, ClusterOutput
-from raycake.cluster.sim_cluster import TBT_SLOWEST_SHARE
-from raycake.cluster.traces import TRACE_BLOCK_SIZE, TRACE_SCHEMA
 from raycake.engine.sampling_params import SamplingParams
+from raycake.sim.event_loop import TBT_SLOWEST_SHARE
+from raycake.sim.traces import TRACE_BLOCK_SIZE, TRACE_SCHEMA
 
 
 def trace_in_engine_blocks(trace: pa.Table, block_size: int, max_model_len: int) -> pa.Table:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from raycake.policies.cost_model import (
+from raycake.policies.step_cost_model import (
     DecodeSample,
     PrefillSample,
     StepCostModel,

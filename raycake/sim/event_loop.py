@@ -29,9 +29,6 @@ from dataclasses import fields
 
 import pyarrow as pa
 
-from raycake.cluster.sim_config import SimulationConfig, StepTimer
-from raycake.cluster.sim_instances import DecodeState, PrefillState, PrefixCache, SimRequest
-from raycake.cluster.sim_results import RequestRows, SimulationResult, summarize
 from raycake.policies.cluster_view import (
     ClusterView,
     DecodeInstanceView,
@@ -40,6 +37,9 @@ from raycake.policies.cluster_view import (
     RequestView,
     SchedulingPolicy,
 )
+from raycake.sim.config import SimulationConfig, StepTimer
+from raycake.sim.instances import DecodeState, PrefillState, PrefixCache, SimRequest
+from raycake.sim.results import RequestRows, SimulationResult, summarize
 
 # RequestView gains ``prefix_hashes`` (block hashes for routers with their own prefix trees);
 # fill it when this raycake has it.

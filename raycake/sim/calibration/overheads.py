@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
-from raycake.cluster.calibrate_replay import ReplayedRequest
-from raycake.cluster.calibrate_sim import simulate_as_driver
-from raycake.cluster.sim_config import SimulationConfig
 from raycake.policies.cluster_view import SchedulingPolicy
-from raycake.policies.cost_model import StepCostModel
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.calibration.driver_timed import simulate_as_driver
+from raycake.sim.calibration.replay import ReplayedRequest
+from raycake.sim.config import SimulationConfig
 
 
 @dataclass(frozen=True, kw_only=True)

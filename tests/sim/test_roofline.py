@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from raycake.cluster.cost_model import (
+from raycake.model.config import ModelConfig
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.roofline import (
     GPU_PRESETS,
     MODEL_PRESETS,
     ModelShape,
@@ -12,8 +14,6 @@ from raycake.cluster.cost_model import (
     gpu_preset,
     model_preset,
 )
-from raycake.config import ModelConfig
-from raycake.policies.cost_model import StepCostModel
 
 
 def _h100_70b(**kwargs) -> RooflineCostModel:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from raycake.config import SpeculativeConfig
+from raycake.engine.spec.config import SpeculativeConfig
+from raycake.engine.spec.controller import (
+    AcceptanceTracker,
+    LinearTimingFit,
+    SpeculationController,
+)
 from raycake.policies.speculation import (
     SpecCostView,
     SpecRequestView,
     expected_emitted_tokens,
     goodput,
-)
-from raycake.policies.speculation_controller import (
-    AcceptanceTracker,
-    LinearTimingFit,
-    SpeculationController,
 )
 
 

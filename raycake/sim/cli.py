@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from raycake.cluster.cost_model import GPU_PRESETS, MODEL_PRESETS
+from raycake.sim.roofline import GPU_PRESETS, MODEL_PRESETS
 
 # Columns of the printed table: (header, summary field, format).
 _COLUMNS = (
@@ -120,8 +120,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def _model_shape(spec: str):
-    from raycake.cluster.cost_model import ModelShape, model_preset
-    from raycake.config import ModelConfig
+    from raycake.model.config import ModelConfig
+    from raycake.sim.roofline import ModelShape, model_preset
 
     if spec.lower() in MODEL_PRESETS:
         return model_preset(spec)
@@ -134,7 +134,7 @@ def _model_shape(spec: str):
 
 
 def _roofline(args: argparse.Namespace):
-    from raycake.cluster.cost_model import RooflineCostModel, gpu_preset
+    from raycake.sim.roofline import RooflineCostModel, gpu_preset
 
     gpu, model = gpu_preset(args.gpu), _model_shape(args.model)
     if args.tp is not None:
@@ -187,9 +187,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from raycake.cluster.sim_results import plot_latency_cdfs
-    from raycake.cluster.simulate import POLICY_NAMES, SimulationConfig, policy_from_name, sweep
-    from raycake.cluster.traces import head, prefix_reuse_ceiling, read_trace
+    from raycake.sim.results import plot_latency_cdfs
+    from raycake.sim.simulate import POLICY_NAMES, SimulationConfig, policy_from_name, sweep
+    from raycake.sim.traces import head, prefix_reuse_ceiling, read_trace
 
     for name in ("prefill", "decode", "max_num_seqs"):
         if getattr(args, name) < 1:

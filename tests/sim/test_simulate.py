@@ -8,24 +8,24 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 
-from raycake.cluster.cost_model import RooflineCostModel, gpu_preset, model_preset
-from raycake.cluster.sim_results import plot_latency_cdfs
-from raycake.cluster.simulate import (
+from raycake.policies.cluster_view import ClusterView, RequestView
+from raycake.policies.scheduling import CacheAwareScheduler, RoundRobinScheduler
+from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.results import plot_latency_cdfs
+from raycake.sim.roofline import RooflineCostModel, gpu_preset, model_preset
+from raycake.sim.simulate import (
     SimulationConfig,
     policy_from_name,
     simulate,
     sweep,
 )
-from raycake.cluster.traces import (
+from raycake.sim.traces import (
     SyntheticTraceConfig,
     generate_trace,
     prefix_reuse_ceiling,
     speed_up,
     trace_from_rows,
 )
-from raycake.policies.cluster_view import ClusterView, RequestView
-from raycake.policies.cost_model import StepCostModel
-from raycake.policies.scheduling import CacheAwareScheduler, RoundRobinScheduler
 
 COST = StepCostModel(
     prefill_fixed_s=0.01,
