@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raycake.engine.spec.config import SpeculativeConfig
+from raycake.engine.spec.config import SpeculativeConfig, speculation_policy_from_config
 from raycake.policies.speculation import (
     SpecCostView,
     SpecRequestView,
     SpeculationDecision,
     SpeculationPolicy,
-    speculation_policy_from_config,
 )
 from raycake.validation import is_count, is_number, require
 
