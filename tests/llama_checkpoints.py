@@ -1,4 +1,6 @@
-"""Tiny random Hugging Face Llama checkpoints, built and saved the way users' checkpoints are."""
+"""Tiny random checkpoints for tests, built and saved the way users' checkpoints are: Llama and
+Mixtral through transformers' ``save_pretrained``, and raycake's own architectures (Switch-Llama)
+through ``raycake.model.loader.save_checkpoint``."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 
 import torch
 
+from raycake.model.config import ModelConfig
 from raycake.training.bpe import save_tokenizer, train_bpe
 
 VOCAB_SIZE = 320
@@ -106,3 +109,56 @@ def build_mixtral_checkpoint(out_dir: Path, num_experts: int, vocab_size: int = 
     model.save_pretrained(out_dir)
     save_tokenizer(train_bpe(["def f(x):\n    return x + 1\n"], vocab_size), out_dir)
     return model
+
+
+# The Switch-Llama MoE of the embedded ``default-moe``: top-1 of 4 experts in every other layer.
+SWITCH_MOE: dict[str, Any] = dict(
+    architecture="SwitchLlamaForCausalLM",
+    num_experts=4,
+    num_experts_per_tok=1,
+    decoder_sparse_step=2,
+    router_type="switch",
+)
+
+
+def tiny_model_config(**overrides: Any) -> ModelConfig:
+    """A 4-layer, 32-wide raycake ``ModelConfig`` (GQA 4/2, head_dim 8); ``overrides`` win."""
+    fields: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        bos_token_id=0,
+        eos_token_ids=(1,),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def build_raycake_checkpoint(
+    config: ModelConfig,
+    out_dir: Path,
+    seed: int = 0,
+    init_std: float | None = None,
+    with_tokenizer: bool = False,
+):
+    """Save a random raycake ``LlamaForCausalLM`` of ``config`` (weights drawn from N(0, init_std)
+    when given, else the modules' own init) and, with ``with_tokenizer``, a byte-level BPE
+    tokenizer of its vocabulary; return the model in eval mode."""
+    from raycake.model.llama import LlamaForCausalLM
+    from raycake.model.loader import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if init_std is not None:
+        for param in model.parameters():
+            torch.nn.init.normal_(param, std=init_std)
+    save_checkpoint(model, out_dir)
+    if with_tokenizer:
+        save_tokenizer(train_bpe(_TOKENIZER_TEXT, config.vocab_size), out_dir)
+    return model.eval()

@@ -13,7 +13,7 @@ Acceptance model: draft token j (1-based) is accepted with probability ``alpha**
 accepted independently with rate ``alpha`` given its predecessors were), so a budget of k gives
 ``E[emitted] = 1 + alpha + ... + alpha**k = (1 - alpha**(k+1)) / (1 - alpha)`` tokens per step.
 With a tree of k nodes the engine does at least as well as a chain of k, so the model is
-conservative there. ``speculation_controller.AcceptanceTracker`` fits ``alpha`` per request.
+conservative there. ``raycake.engine.spec.controller.AcceptanceTracker`` fits ``alpha`` per request.
 When a view carries ``depth_acceptance`` (the conditional rate at each depth: drafts that follow
 accepted ones are accepted more often than the first, since easy stretches of text come in
 runs), draft token j's expected gain is the product of the first j rates instead of alpha**j.

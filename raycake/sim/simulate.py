@@ -1,6 +1,6 @@
 """Trace-driven simulation of a disaggregated cluster on the real policy objects: one run
-(``simulate``) or a grid of runs (``sweep``). The event loop is ``sim_cluster.SimulatedCluster``;
-the configuration ``sim_config.SimulationConfig``; the outputs ``sim_results``."""
+(``simulate``) or a grid of runs (``sweep``). The event loop is ``event_loop.SimulatedCluster``;
+the configuration ``config.SimulationConfig``; the outputs ``results``."""
 
 from __future__ import annotations
 

@@ -10,44 +10,26 @@ import pytest
 import torch
 
 from benchmarks.moe_capacity import measure, parse_args, token_windows
-from raycake.model.config import ModelConfig
-from raycake.model.llama import LlamaForCausalLM
 from raycake.model.loader import load_model, save_checkpoint
 from raycake.model.moe import MoEFeedForward
 from raycake.training.trainer import evaluate
+from tests.llama_checkpoints import SWITCH_MOE, build_raycake_checkpoint, tiny_model_config
 
 NUM_EXPERTS, VOCAB_SIZE, SEQ_LEN, GROUP_TOKENS, NUM_WINDOWS = 4, 96, 32, 64, 8
 FACTORS = [0.5, 1.0, 1.25, 2.0, None]  # None: dropless, last
-SWITCH = dict(
-    architecture="SwitchLlamaForCausalLM",
-    num_experts=NUM_EXPERTS,
-    num_experts_per_tok=1,
-    decoder_sparse_step=2,
-    router_type="switch",
-)
 
 
 def build_switch_checkpoint(out_dir, collapse_router: bool = False, moe: bool = True) -> None:
     """A random 4-layer Switch-Llama (MoE in layers 1 and 3; dense Llama without ``moe``).
     ``collapse_router`` zeroes every router weight: all logits tie, every token picks one expert."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        **(SWITCH if moe else {}),
-    )
-    model = LlamaForCausalLM(config)
+    config = tiny_model_config(vocab_size=VOCAB_SIZE, **(SWITCH_MOE if moe else {}))
+    assert not moe or config.num_experts == NUM_EXPERTS
+    model = build_raycake_checkpoint(config, out_dir)
     if collapse_router:
         for layer in model.model.layers:
             if isinstance(layer.mlp, MoEFeedForward):
                 torch.nn.init.zeros_(layer.mlp.gate.weight)
-    save_checkpoint(model, out_dir)
+        save_checkpoint(model, out_dir)
 
 
 @pytest.fixture(scope="module")

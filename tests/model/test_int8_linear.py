@@ -14,6 +14,7 @@ from raycake.model.int8_linear import Int8FusedExperts, Int8Linear, quantize_mod
 from raycake.model.llama import LlamaForCausalLM
 from raycake.model.moe import MoEFeedForward
 from raycake.policies.routing import TopKRouter
+from tests.llama_checkpoints import tiny_model_config
 
 
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -112,15 +113,13 @@ def test_int8_fused_experts_match_fused_experts():
 
 
 def tiny_config(tie_word_embeddings: bool, num_experts: int = 0) -> ModelConfig:
-    return ModelConfig(
+    return tiny_model_config(
         vocab_size=256,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=128,
+        rope_theta=500000.0,
         tie_word_embeddings=tie_word_embeddings,
         num_experts=num_experts,
     )

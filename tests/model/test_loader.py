@@ -13,29 +13,17 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
-from raycake.model.config import ModelConfig, RopeScaling
+from raycake.model.config import RopeScaling
 from raycake.model.llama import LlamaForCausalLM
-from raycake.model.loader import CheckpointError, load_model, save_checkpoint
+from raycake.model.loader import CheckpointError, load_model
+from tests.llama_checkpoints import TinyLlama, build_raycake_checkpoint, tiny_model_config
 
 VOCAB_SIZE = 128
 
 
 def hf_llama_config(tie_word_embeddings: bool = False) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        tie_word_embeddings=tie_word_embeddings,
-        # Larger than the default 0.02 so logits are far from zero and differences show.
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
+    spec = TinyLlama("loader", 4, 2, tie_word_embeddings=tie_word_embeddings)
+    return LlamaConfig(**{**spec.hf_kwargs(), "vocab_size": VOCAB_SIZE})
 
 
 def save_hf_llama(
@@ -243,24 +231,17 @@ def test_broken_sharded_checkpoint_is_named(case, good_sharded_checkpoint, tmp_p
     ids=["untied", "tied-llama3"],
 )
 def test_save_checkpoint_loads_in_transformers(tmp_path, tie_word_embeddings, llama3_rope):
-    config = ModelConfig(
+    config = tiny_model_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=512,
-        rope_theta=10000.0,
         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16) if llama3_rope else None,
         tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=0,
-        eos_token_ids=(1,),
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    save_checkpoint(model, tmp_path)
+    model = build_raycake_checkpoint(config, tmp_path)
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert hf_model.config.tie_word_embeddings == tie_word_embeddings
     # Positions past original_max_position_embeddings exercise the llama3 frequency scaling.

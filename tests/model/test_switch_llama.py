@@ -11,49 +11,26 @@ from raycake import LLM, SamplingParams
 from raycake.engine.config import EngineConfig
 from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaForCausalLM, LlamaMLP
-from raycake.model.loader import load_model, read_model_config, save_checkpoint
+from raycake.model.loader import load_model, read_model_config
 from raycake.model.moe import MoEFeedForward
 from raycake.policies.routing import SwitchTop1Router
-from raycake.training.bpe import save_tokenizer, train_bpe
+from tests.llama_checkpoints import SWITCH_MOE, build_raycake_checkpoint, tiny_model_config
 from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 VOCAB = 300
 
 
 def switch_config(**overrides) -> ModelConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_ids=(1,),
-        architecture="SwitchLlamaForCausalLM",
-        num_experts=4,
-        num_experts_per_tok=1,
-        decoder_sparse_step=2,
-        router_type="switch",
+    return tiny_model_config(
+        **{"vocab_size": VOCAB, "tie_word_embeddings": True, **SWITCH_MOE, **overrides}
     )
-    fields.update(overrides)
-    return ModelConfig(**fields)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("switch_llama")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(switch_config())
-    for param in model.parameters():
-        torch.nn.init.normal_(param, std=0.2)
-    save_checkpoint(model, out)
-    save_tokenizer(train_bpe(["def f(x):\n    return x + 1\n"], VOCAB), out)
-    return out, model.eval()
+    model = build_raycake_checkpoint(switch_config(), out, init_std=0.2, with_tokenizer=True)
+    return out, model
 
 
 def test_every_other_layer_is_a_switch_moe_layer():

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-from raycake.engine.spec.config import SpeculativeConfig, speculation_policy_from_config
 from raycake.policies.speculation import (
     SPECULATION_POLICIES,
     SPECULATION_POLICY_NAMES,
@@ -193,24 +192,6 @@ def test_registry():
     for name in SPECULATION_POLICY_NAMES:
         assert make_speculation_policy(name).name == name
     assert make_speculation_policy("fixed", num_draft_tokens=3).num_draft_tokens == 3
-
-
-def test_policy_from_config():
-    def spec(**kwargs):
-        return SpeculativeConfig(draft_model="head", **kwargs)
-
-    assert speculation_policy_from_config(spec(policy="off")).name == "off"
-    assert speculation_policy_from_config(spec(method=None, policy="fixed")).name == "off"
-    assert speculation_policy_from_config(spec(num_draft_tokens=6)).num_draft_tokens == 6
-    # Adaptive budgets stop at the tree depth (the goodput model values depth, not width).
-    adaptive = speculation_policy_from_config(
-        spec(policy="adaptive", num_draft_tokens=6, max_depth=5)
-    )
-    assert isinstance(adaptive, AdaptiveSpeculation) and adaptive.max_draft_tokens == 5
-    adaptive = speculation_policy_from_config(
-        spec(policy="adaptive", num_draft_tokens=3, max_depth=5)
-    )
-    assert adaptive.max_draft_tokens == 3
 
 
 def test_imports_without_torch_or_ray():

@@ -1,15 +1,15 @@
 """Calibrate the simulator against the real local cluster, and say how far apart they are.
 
 1. Step costs: the real engine's prefill chunks and decode steps on this machine, fitted into a
-   ``StepCostModel`` (``calibrate_steps``), and the object-store KV transfer bandwidth.
+   ``StepCostModel`` (``steps``), and the object-store KV transfer bandwidth.
 2. Cluster overheads: what a request pays beyond engine steps (conductor and actor calls, KV
    export and publish, a streamed delta per token, CPU shared by co-located actors), fitted to
-   replayed requests (``calibrate_timer``; cross-fitted: never to the requests they predict):
+   replayed requests (``overheads``; cross-fitted: never to the requests they predict):
    ``ClusterOverheads``, which ``CalibratedStepTimer`` adds to the simulated steps, with the
    measured token-interval spread.
-3. Replay: a small Mooncake-format trace, mapped onto engine blocks (``calibrate_replay``), is
+3. Replay: a small Mooncake-format trace, mapped onto engine blocks (``replay``), is
    replayed on the cluster at its timestamps and simulated with the same policy type and
-   options, timed as the driver times it (``calibrate_sim``); per request, the relative TTFT
+   options, timed as the driver times it (``driver_timed``); per request, the relative TTFT
    and TBT errors are summarised (goal: median <= 25%). Beside it: the twin without the interval
    spread, engine step costs alone, and a second real replay (the run-to-run noise floor).
 

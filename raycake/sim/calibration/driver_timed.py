@@ -8,7 +8,7 @@ starting the token stream), then fall in the first token interval. ``DriverTimed
 keeps the simulator's event loop and moves that boundary: the request's first token is stamped
 at the end of its prefill, and it joins the decode batch ``handoff_s`` after its KV landed.
 
-NOTE: a subclass of ``sim_cluster.SimulatedCluster`` that relies on two of its internals:
+NOTE: a subclass of ``event_loop.SimulatedCluster`` that relies on two of its internals:
 ``_transfer_done`` (the KV landed: stamp ``first_token_s`` and queue for the batch) and
 ``SimRequest.first_token_s`` (the start of the first token interval and the end of TTFT).
 """
@@ -23,7 +23,7 @@ from raycake.sim.event_loop import SimulatedCluster
 from raycake.sim.instances import SimRequest
 from raycake.sim.results import SimulationResult
 
-_TRANSFER_DONE = 1  # sim_cluster's event kind for "KV landed" (dispatched to _transfer_done)
+_TRANSFER_DONE = 1  # event_loop's event kind for "KV landed" (dispatched to _transfer_done)
 
 
 class DriverTimedCluster(SimulatedCluster):

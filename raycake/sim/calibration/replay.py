@@ -175,7 +175,7 @@ COMPARED_METRICS = (
 
 def paired_requests(replayed: list[ReplayedRequest], simulated: pa.Table) -> pa.Table:
     """One row per trace request: the real and the simulated timings side by side (simulated
-    by ``calibrate_sim.simulate_as_driver``, so both TTFTs end at the prefill's first token)."""
+    by ``driver_timed.simulate_as_driver``, so both TTFTs end at the prefill's first token)."""
     if simulated.num_rows != len(replayed):
         raise ValueError(
             f"simulated: expected {len(replayed)} rows (one per replayed request), "

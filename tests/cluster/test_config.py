@@ -1,4 +1,4 @@
-"""The shipped example configs parse into valid ClusterConfigs."""
+"""ClusterConfig: the shipped example configs parse, and a YAML file reaches every nested section."""
 
 from __future__ import annotations
 
@@ -29,3 +29,18 @@ def test_kuberay_job_asks_for_the_instance_resource():
 def test_kuberay_cluster_config_places_instances_on_the_worker_group():
     config = ClusterConfig.from_file(ROOT / "examples" / "cluster-kuberay.yaml")
     assert config.instance_resources == {"raycake_instance": 1}
+
+
+def test_cluster_yaml_turns_on_int8_and_expert_shards(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "engine:\n  model: default-moe\n  quantization: int8\n  int8_threshold: 4.0\n"
+        "  moe:\n    num_expert_shards: 2\n    expert_transport: calls\n"
+    )
+    engine = ClusterConfig.from_file(path).engine
+    assert (engine.model, engine.quantization, engine.int8_threshold) == (
+        "default-moe",
+        "int8",
+        4.0,
+    )
+    assert (engine.moe.num_expert_shards, engine.moe.expert_transport) == (2, "calls")
