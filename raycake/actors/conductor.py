@@ -1,11 +1,20 @@
 """Conductor: the global scheduler. Keeps which instance and which store shard hold which block
 hashes, and each instance's queue and load; asks the scheduling policy for a (prefill, decode)
 pair per request, or rejects it early. The decision itself lives in ``policies/scheduling.py``.
+
+Its books are soft state. Given the instances' and the store shards' actor handles, a conductor
+(re)started over a running cluster rebuilds them: the prefix indexes from what each prefill
+instance and store shard holds, and the decode reservations from the instances' live loads
+(requests it did not schedule itself are re-read until they drain). Instances that the driver
+reports down are left out of its decisions until they answer again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 from raycake.actors.messages import InstanceLoad
 from raycake.policies.scheduling import (
@@ -23,6 +32,9 @@ from raycake.transfer.block_store import BlockStore
 
 # Weight of each new store-read measurement in the conductor's bandwidth estimate.
 BANDWIDTH_EWMA = 0.3
+# How often a rebuilt conductor re-reads the decode instances' loads while requests it did not
+# schedule (in flight when it restarted) still hold blocks there.
+ORPHAN_REFRESH_S = 1.0
 
 
 @dataclass
@@ -42,6 +54,10 @@ class _DecodeState:
     num_assigned: int = 0
     reserved_blocks: int = 0
     context_tokens: int = 0
+    # Held by requests this conductor did not schedule (in flight across its restart), as last
+    # read from the instance; 0 once they drained.
+    orphan_blocks: int = 0
+    orphan_running: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,19 @@ class Conductor:
         block_bytes: int,
         store_capacity_blocks: int,
         transfer_bandwidth_bytes_per_s: float,
+        max_model_len: int | None = None,
+        instances: dict[str, Any] | None = None,
+        store_shards: list[Any] | None = None,
     ) -> None:
+        """``instances`` (actor handles by instance id) and ``store_shards``: where to rebuild
+        the books from after a restart; without them (unit tests) the books start empty."""
         self.config = config
+        self.max_model_len = max_model_len
+        self._instances = dict(instances or {})
+        self._store_shards = list(store_shards or [])
+        self._unavailable: set[str] = set()
+        self._rebuild_task: asyncio.Task | None = None
+        self._rebuild_pending = bool(self._instances or self._store_shards)
         self.policy = scheduling_policy_from_config(config)
         self.block_size = block_size
         self.block_bytes = block_bytes
@@ -91,7 +118,78 @@ class Conductor:
         self._scheduled = self._rejected = 0
 
     def ready(self) -> bool:
+        self._start_rebuild()
         return True
+
+    # ---- rebuilding soft state -----------------------------------------------------------------
+
+    def _start_rebuild(self) -> None:
+        """Rebuild the books in the background, once, when running in an event loop (the
+        actor's): the first decisions after a restart may miss cached prefixes, never fail."""
+        if not self._rebuild_pending:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: a plain unit test
+            self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
+            self._rebuild_pending = False
+
+    async def _rebuild(self) -> None:
+        prefill_ids = [iid for iid in self._instances if iid in self._prefill_index]
+        replies = await asyncio.gather(
+            *(self._instances[iid].cached_block_hashes.remote() for iid in prefill_ids),
+            return_exceptions=True,
+        )
+        for iid, hashes in zip(prefill_ids, replies, strict=True):
+            if not isinstance(hashes, BaseException):
+                for h in hashes:
+                    self._prefill_index[iid].put(h, None, 1)
+        if self._store_index is not None:
+            replies = await asyncio.gather(
+                *(shard.block_hashes.remote() for shard in self._store_shards),
+                return_exceptions=True,
+            )
+            for hashes in replies:
+                if not isinstance(hashes, BaseException):
+                    for h in hashes:
+                        self._store_index.put(h, None, 1)
+        while await self._refresh_orphans():
+            await asyncio.sleep(ORPHAN_REFRESH_S)
+
+    async def _refresh_orphans(self) -> bool:
+        """Re-read decode loads; whatever the instance holds beyond this conductor's own
+        reservations is an orphan's. Returns whether any orphan is left."""
+        decode_ids = [iid for iid in self._instances if iid in self._decode]
+        loads = await asyncio.gather(
+            *(self._instances[iid].load.remote() for iid in decode_ids), return_exceptions=True
+        )
+        left = False
+        for iid, load in zip(decode_ids, loads, strict=True):
+            if isinstance(load, BaseException):
+                continue
+            state = self._decode[iid]
+            used = state.capacity_blocks - load.free_kv_blocks
+            state.orphan_blocks = max(0, used - state.reserved_blocks)
+            state.orphan_running = max(0, load.num_running - state.num_assigned)
+            left = left or state.orphan_running > 0
+        return left
+
+    # ---- instance health, as the driver sees it ------------------------------------------------
+
+    def instance_down(self, instance_id: str) -> None:
+        """A call to this instance failed: it is dead or restarting. Route around it."""
+        self._unavailable.add(instance_id)
+
+    def instance_up(self, instance_id: str) -> None:
+        """The instance answers again. A restarted one lost its prefix cache."""
+        if instance_id in self._unavailable:
+            self._unavailable.discard(instance_id)
+            if instance_id in self._prefill_index:
+                self._prefill_index[instance_id].clear()
+
+    def _available(self, instance_ids: list[str]) -> list[str]:
+        """The instances not reported down; all of them when every one is (a request then waits
+        for a restart in the instance's queue rather than failing)."""
+        up = [iid for iid in instance_ids if iid not in self._unavailable]
+        return up or instance_ids
 
     def schedule(
         self,
@@ -102,8 +200,19 @@ class Conductor:
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
     ) -> ScheduleDecision | Rejection:
+        self._start_rebuild()
         if request_id in self._in_flight:
             raise ValueError(f"request_id: {request_id!r} is already scheduled")
+        if self.max_model_len is not None and num_prompt_tokens + max_tokens > self.max_model_len:
+            self._rejected += 1
+            return Rejection(
+                f"max_model_len: prompt of {num_prompt_tokens} tokens + max_tokens {max_tokens} "
+                f"exceeds the model's context of {self.max_model_len} tokens",
+                predicted_ttft_s=0.0,
+                predicted_tbt_s=None,
+            )
+        prefill_ids = self._available(list(self._prefill_index))
+        decode_ids = self._available(list(self._decode))
         store_prefix = self._store_index.prefix_length(block_hashes) if self._store_index else 0
         request = RequestView(
             request_id=request_id,
@@ -127,17 +236,21 @@ class Conductor:
                     cached_prefix_blocks=index.prefix_length(block_hashes),
                 )
                 for iid, index in self._prefill_index.items()
+                if iid in prefill_ids
             ],
             decode=[
                 DecodeInstanceView(
                     instance_id=iid,
-                    num_running=state.num_assigned,
+                    num_running=state.num_assigned + state.orphan_running,
                     max_num_seqs=state.load.max_num_seqs,
                     total_context_tokens=state.context_tokens,
-                    free_kv_blocks=max(0, state.capacity_blocks - state.reserved_blocks),
+                    free_kv_blocks=max(
+                        0, state.capacity_blocks - state.reserved_blocks - state.orphan_blocks
+                    ),
                     cost_model=state.cost_model,
                 )
                 for iid, state in self._decode.items()
+                if iid in decode_ids
             ],
             transfer_bandwidth_bytes_per_s=self.bandwidth,
         )

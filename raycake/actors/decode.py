@@ -2,6 +2,8 @@
 
 A plain class with async methods; ``cluster/`` makes it a Ray actor (an async actor, so on
 uvloop when installed). ``generate`` is an async generator: Ray streams its deltas to the caller.
+The engine steps on its own thread (``EngineLoop``); this class only fetches KV, admits, streams
+and aborts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from raycake.actors.instance import EngineInstance
 from raycake.actors.messages import DecodeWork
 from raycake.engine.request_output import StreamDelta
 
-# How long an arrived request waits for KV blocks to free up before it fails.
+# How long an arrived request that can fit waits for KV blocks to free up before it fails.
 ADMISSION_TIMEOUT_S = 60.0
 
 
@@ -22,27 +24,37 @@ class DecodeInstance(EngineInstance):
         """Fetch the prompt's KV, join the running batch, stream deltas until finished."""
         with self.telemetry.span("transfer", work.trace_context, instance=self.instance_id):
             kv = await asyncio.to_thread(self.transfer.fetch, work.kv_handle)
+        queue = self.loop.subscribe(work.request_id)
+        try:
+            await self._admit(work, kv)
+            with self.telemetry.span("decode", work.trace_context, instance=self.instance_id):
+                while True:
+                    delta = await queue.get()
+                    if isinstance(delta, BaseException):
+                        raise delta
+                    yield delta
+                    if delta.finished:
+                        return
+        finally:
+            # Finished, failed, or the caller went away (Ray closes the generator): the
+            # request must not stay in the engine holding blocks.
+            await asyncio.shield(self.loop.unsubscribe(work.request_id))
+
+    async def _admit(self, work: DecodeWork, kv) -> None:
+        """Add the request once its blocks fit; the conductor reserved them, so waits are short.
+        A request that can never fit (beyond max_model_len or the whole pool) raises at once."""
         deadline = asyncio.get_running_loop().time() + ADMISSION_TIMEOUT_S
-        while not self.engine.add_prefilled_request(
-            work.request_id, work.prompt_token_ids, work.first_token_id, work.sampling_params, kv
+        while not await self.loop.call(
+            self.engine.add_prefilled_request,
+            work.request_id,
+            work.prompt_token_ids,
+            work.first_token_id,
+            work.sampling_params,
+            kv,
         ):
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(
                     f"request {work.request_id!r}: no KV blocks free on {self.instance_id} "
                     f"within {ADMISSION_TIMEOUT_S:.0f} s"
                 )
-            await asyncio.sleep(0.002)  # back-pressure: wait for running requests to finish
-        queue = self.loop.subscribe(work.request_id)
-        try:
-            with self.telemetry.span("decode", work.trace_context, instance=self.instance_id):
-                while True:
-                    delta = await queue.get()
-                    if isinstance(delta, Exception):
-                        raise delta
-                    yield delta
-                    if delta.finished:
-                        self.engine.pop_finished(work.request_id)
-                        return
-        finally:
-            # A caller that goes away must not leave its request decoding.
-            self.loop.unsubscribe(work.request_id)
+            await asyncio.sleep(0.005)  # back-pressure: running requests free blocks as they end

@@ -1,5 +1,5 @@
-"""What prefill and decode instances share: an engine driven by an event loop, a KV transfer
-backend, telemetry, and a cost model calibrated at start-up."""
+"""What prefill and decode instances share: an engine on its own thread (``EngineLoop``), a KV
+transfer backend, telemetry, and a cost model calibrated at start-up."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
 
 class EngineInstance(RayDirectKVEndpoint):
     """Base of PrefillInstance and DecodeInstance (composes the Ray Direct Transport endpoint,
-    which only the ray_direct backend uses)."""
+    which only the ray_direct backend uses).
+
+    NOTE: after ``__init__`` the engine belongs to ``self.loop``'s thread: every method here
+    reaches it through ``await self.loop.call(...)``, never directly.
+    """
 
     def __init__(
         self,
@@ -31,21 +35,36 @@ class EngineInstance(RayDirectKVEndpoint):
         self.engine = LLMEngine(engine_config)
         self.expert_shards = enable_expert_parallelism(self.engine)
         self.metrics = InstanceMetrics(instance_id)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.record)
         self.transfer = make_kv_transfer(
             transfer_backend, **transfer_options(transfer_backend, self)
         )
         self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
-        self.cost_model = calibrate(self.engine)
+        self.cost_model = calibrate(self.engine)  # before the engine thread starts
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.record, name=instance_id)
 
     def ready(self) -> str:
+        """A health ping: answered at once, even while a step runs."""
         return self.instance_id
 
     def finished_spans(self) -> list[dict]:
         return self.telemetry.finished_spans()
 
     def current_cost_model(self) -> StepCostModel:
+        """The cost model the conductor plans with (engine thread)."""
         return self.cost_model
 
-    def load(self) -> InstanceLoad:
-        return instance_load(self.instance_id, self.engine, self.current_cost_model())
+    async def load(self) -> InstanceLoad:
+        return await self.loop.call(
+            lambda: instance_load(self.instance_id, self.engine, self.current_cost_model())
+        )
+
+    async def free_kv_blocks(self) -> int:
+        """Blocks free for new requests (tests count them after cancellations and faults)."""
+        return await self.loop.call(lambda: self.engine.scheduler.kv_cache.num_free_blocks)
+
+    async def num_unfinished(self) -> int:
+        return await self.loop.call(lambda: len(self.engine.unfinished_request_ids()))
+
+    async def cached_block_hashes(self) -> list[bytes]:
+        """The prompt blocks this instance's prefix cache holds (a restarted conductor's index)."""
+        return await self.loop.call(self.engine.scheduler.kv_cache.cached_block_hashes)

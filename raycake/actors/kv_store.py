@@ -102,6 +102,10 @@ class KVStoreShard:
     def contains(self, block_hashes: list[bytes]) -> list[bool]:
         return [h in self._store for h in block_hashes]
 
+    def block_hashes(self) -> list[bytes]:
+        """Every block this shard holds: what a restarted conductor rebuilds its index from."""
+        return self._store.keys()
+
     def evict(self, block_hashes: list[bytes]) -> int:
         for h in block_hashes:
             self._reads.pop(h, None)

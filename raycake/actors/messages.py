@@ -43,6 +43,8 @@ class PrefillResult:
     store_fetch_seconds: float  # wall time of that read (the conductor's bandwidth estimate)
     kv_bytes: int  # bytes of KV handed to the decode instance
     seconds: float  # wall time on the instance
+    # finish_reason "error": why the request failed on the instance (it is not retried).
+    error: str | None = None
 
 
 @dataclass(frozen=True)

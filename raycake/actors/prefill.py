@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
 
 from raycake.actors.calibration import samples_from_steps
 from raycake.actors.instance import EngineInstance
@@ -44,41 +44,54 @@ class PrefillInstance(EngineInstance):
 
     async def prefill(self, work: PrefillWork) -> PrefillResult:
         started = time.perf_counter()
+        rid = work.request_id
         with self.telemetry.span("prefill", work.trace_context, instance=self.instance_id):
-            hashes = self.engine.prefix_block_hashes(work.prompt_token_ids)
-            local = self.engine.num_cached_prefix_blocks(hashes)
+            hashes = self.engine.prefix_block_hashes(work.prompt_token_ids)  # pure: no state
+            local = await self.loop.call(self.engine.num_cached_prefix_blocks, hashes)
             from_store, fetch_seconds = 0, 0.0
             if self.store_shards and work.fetch_from_store_blocks > 0:
                 fetch_started = time.perf_counter()
                 end = min(local + work.fetch_from_store_blocks, len(hashes))
                 from_store = await self._fetch_from_store(hashes[local:end])
                 fetch_seconds = time.perf_counter() - fetch_started
-            rid = self.engine.add_request(
-                work.prompt_token_ids,
-                replace(work.sampling_params, max_tokens=1),
-                request_id=work.request_id,
-                hold_kv=True,
-            )
             queue = self.loop.subscribe(rid)
-            while not (await queue.get()).finished:
-                pass
-            output = self.engine.pop_finished(rid)
             try:
-                exported = self.engine.export_kv(rid)
-                header, payload = pack_kv(exported.kv, exported.block_hashes, exported.num_tokens)
-                finish = _finish_reason(work, output.finish_reason)
-                handle = None if finish else self.transfer.publish(header, payload)
-                if self.store_shards and exported.block_hashes:
-                    # Off the request's critical path: the export is a copy, free to outlive it.
-                    task = asyncio.get_running_loop().create_task(
-                        self._publish_to_store(exported.kv, exported.block_hashes)
-                    )
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                await self.loop.call(
+                    self.engine.add_request,
+                    work.prompt_token_ids,
+                    replace(work.sampling_params, max_tokens=1),
+                    request_id=rid,
+                    hold_kv=True,
+                )
+                while True:
+                    delta = await queue.get()
+                    if isinstance(delta, BaseException):
+                        raise delta
+                    if delta.finished:
+                        break
+                output, exported = await self.loop.call(self._take_output_and_kv, rid)
             finally:
-                self.engine.release_kv(rid)
+                # Done, failed or cancelled (the caller went away): nothing of the request may
+                # stay in the engine, its held blocks included. Idempotent.
+                await asyncio.shield(self.loop.call(self._forget, rid))
+            if output.finish_reason == "error":
+                return self._failed(work, output.error or "prefill failed", started)
+            finish = _finish_reason(work, output.finish_reason)
+            header, payload = await asyncio.to_thread(
+                pack_kv, exported.kv, exported.block_hashes, exported.num_tokens
+            )
+            handle = None
+            if not finish:
+                handle = await asyncio.to_thread(self.transfer.publish, header, payload)
+            if self.store_shards and exported.block_hashes:
+                # Off the request's critical path: the export is a copy, free to outlive it.
+                task = asyncio.get_running_loop().create_task(
+                    self._publish_to_store(exported.kv, exported.block_hashes)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         return PrefillResult(
-            request_id=work.request_id,
+            request_id=rid,
             instance_id=self.instance_id,
             first_token_id=output.token_ids[0],
             finish_reason=finish,
@@ -90,6 +103,39 @@ class PrefillInstance(EngineInstance):
             store_fetch_seconds=fetch_seconds,
             kv_bytes=header.nbytes if handle is not None else 0,
             seconds=time.perf_counter() - started,
+        )
+
+    def _take_output_and_kv(self, request_id: str):
+        """(output, exported KV or None) of a finished request; engine thread."""
+        output = self.engine.pop_finished(request_id)
+        if output.finish_reason == "error":
+            return output, None
+        return output, self.engine.export_kv(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Abort the request if it still runs, drop its output and free its held blocks."""
+        if self.engine.is_unfinished(request_id):
+            self.engine.abort_request(request_id)
+        self.engine.discard_finished(request_id)
+        self.engine.release_kv(request_id)
+
+    def _failed(self, work: PrefillWork, error: str, started: float) -> PrefillResult:
+        """A request that failed on this instance (bad input the checks missed, a poisoned
+        sample): its own fault, so it ends with the error instead of being retried."""
+        return PrefillResult(
+            request_id=work.request_id,
+            instance_id=self.instance_id,
+            first_token_id=-1,
+            finish_reason="error",
+            kv_handle=None,
+            block_hashes=[],
+            num_cached_tokens=0,
+            num_store_blocks=0,
+            store_fetch_bytes=0,
+            store_fetch_seconds=0.0,
+            kv_bytes=0,
+            seconds=time.perf_counter() - started,
+            error=error,
         )
 
     async def _fetch_from_store(self, hashes: list[bytes]) -> int:
@@ -114,9 +160,8 @@ class PrefillInstance(EngineInstance):
             run.append(h)
         if not run:
             return 0
-        blocks = [unpack_kv(KVBlockHeader.from_msgpack(found[h][0]), found[h][1]) for h in run]
-        kv = torch.cat(blocks, dim=2)  # [layers, 2, n, P, K, Dh]
-        return self.engine.import_prefix_blocks(run, kv)
+        kv = await asyncio.to_thread(_unpack_blocks, [found[h] for h in run])
+        return await self.loop.call(self.engine.import_prefix_blocks, run, kv)
 
     async def _read_shards(self, by_shard: dict[int, list[bytes]]) -> dict[bytes, tuple]:
         """Blocks by hash from each shard's leading run; a shard that fails contributes none."""
@@ -126,7 +171,7 @@ class PrefillInstance(EngineInstance):
         )
         found: dict[bytes, tuple] = {}
         for reply in replies:
-            if isinstance(reply, RayActorError):
+            if isinstance(reply, RayError):
                 continue  # the store is a cache: a lost shard means recomputing, not failing
             if isinstance(reply, BaseException):
                 raise reply
@@ -134,7 +179,9 @@ class PrefillInstance(EngineInstance):
         return found
 
     async def _publish_to_store(self, kv: torch.Tensor, block_hashes: list[bytes]) -> None:
-        """Send the full blocks the store lacks to their shards (shards keep one copy each)."""
+        """Send the full blocks the store lacks to their shards (shards keep one copy each).
+        The store is a cache: a shard that is down or restarting misses these blocks, and a
+        later request recomputes them; nothing fails."""
         num_shards = len(self.store_shards)
         by_shard: dict[int, list[int]] = {}
         for i, h in enumerate(block_hashes):
@@ -144,16 +191,18 @@ class PrefillInstance(EngineInstance):
             *(
                 self.store_shards[s].contains.remote([block_hashes[i] for i in by_shard[s]])
                 for s in shards
-            )
+            ),
+            return_exceptions=True,
         )
+        puts = []
         for shard, present in zip(shards, held, strict=True):
-            blocks = []
-            for i, is_present in zip(by_shard[shard], present, strict=True):
-                if not is_present:
-                    header, payload = pack_kv(kv[:, :, i : i + 1], [block_hashes[i]], kv.shape[3])
-                    blocks.append((block_hashes[i], header.to_msgpack(), payload))
-            if blocks:
-                await self.store_shards[shard].put.remote(blocks)
+            if isinstance(present, BaseException):
+                continue
+            missing = [i for i, p in zip(by_shard[shard], present, strict=True) if not p]
+            if missing:
+                blocks = await asyncio.to_thread(_pack_blocks, kv, block_hashes, missing)
+                puts.append(self.store_shards[shard].put.remote(blocks))
+        await asyncio.gather(*puts, return_exceptions=True)
 
     def release(self, handle: KVHandle) -> None:
         """The decode instance has the KV (or the request is over): free the published copy."""
@@ -163,7 +212,7 @@ class PrefillInstance(EngineInstance):
         """Forget locally cached blocks, once the KV store holds every block published."""
         if self._background:
             await asyncio.gather(*self._background)
-        self.engine.scheduler.kv_cache.reset_prefix_cache()
+        await self.loop.call(self.engine.scheduler.kv_cache.reset_prefix_cache)
 
     def current_cost_model(self) -> StepCostModel:
         """Refit from recent real steps when they cover enough shapes; else the start-up fit."""
@@ -172,6 +221,23 @@ class PrefillInstance(EngineInstance):
             return StepCostModel.fit(prefill, decode) if prefill and decode else self.cost_model
         except ValueError:
             return self.cost_model
+
+
+def _pack_blocks(
+    kv: torch.Tensor, block_hashes: list[bytes], indices: list[int]
+) -> list[tuple[bytes, bytes, Any]]:
+    """(hash, msgpack header, payload) of each block ``indices`` of ``kv`` [L, 2, n, P, K, Dh]."""
+    blocks = []
+    for i in indices:
+        header, payload = pack_kv(kv[:, :, i : i + 1], [block_hashes[i]], kv.shape[3])
+        blocks.append((block_hashes[i], header.to_msgpack(), payload))
+    return blocks
+
+
+def _unpack_blocks(blocks: list[tuple[bytes, Any]]) -> torch.Tensor:
+    """Store blocks (msgpack header, payload), checked against their headers, as one tensor."""
+    tensors = [unpack_kv(KVBlockHeader.from_msgpack(header), payload) for header, payload in blocks]
+    return torch.cat(tensors, dim=2)  # [layers, 2, n, P, K, Dh]
 
 
 def _finish_reason(work: PrefillWork, prefill_reason: str | None) -> str | None:

@@ -1,14 +1,24 @@
 """ClusterConfig -> named Ray actors, and the driver-side path of every request.
 
-A request: hash the prompt into blocks -> Conductor.schedule (or early rejection) ->
-PrefillInstance.prefill (store prefix fetched, KV published) -> DecodeInstance.generate
-(streamed) -> Conductor.request_done. An instance that dies mid-request makes the request
-retry from the conductor, up to ``request_max_retries`` times, then fail with the error.
+A request: checked before any work (``admission``) -> hash the prompt into blocks ->
+Conductor.schedule (or early rejection) -> PrefillInstance.prefill (store prefix fetched, KV
+published) -> DecodeInstance.generate (streamed) -> Conductor.request_done.
+
+Faults. Every actor restarts (``actor_max_restarts``); the conductor's calls are retried by Ray
+across its restarts and it rebuilds its books from the instances and the store. When an
+instance dies mid-request (or the KV it published is lost with it), the driver reports it down to
+the conductor, waits for it to answer again, and retries the request, up to
+``request_max_retries`` times: always when no token has reached the caller yet; once tokens have,
+only when sampling is deterministic (greedy or seeded), and the replayed tokens are checked
+against the delivered ones. Otherwise the request ends with ``finish_reason "error"`` and the
+cause: never lost, never duplicated or spliced. A caller that goes away cancels the request in
+the actors that hold it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -17,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError
+from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayError
 
 from raycake.actors.conductor import Conductor
 from raycake.actors.decode import DecodeInstance
 from raycake.actors.kv_store import KVStoreShard, replica_shard
 from raycake.actors.messages import DecodeWork, PrefillResult, PrefillWork
 from raycake.actors.prefill import PrefillInstance
+from raycake.cluster.admission import ModelLimits, check_request
 from raycake.cluster.config import ClusterConfig
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.runner import kv_cache_bytes_per_block
@@ -36,6 +47,12 @@ from raycake.transfer.ray_direct import RAY_DIRECT_ACTOR_OPTIONS, connect_ray_di
 
 # How long a retry waits for a restarting instance (its engine loads and calibrates).
 INSTANCE_RESTART_TIMEOUT_S = 60.0
+# Faults a retry can cure: the actor died or restarts, or an object it owned died with it.
+RETRYABLE_FAULTS = (RayActorError, ObjectLostError)
+
+
+class ReplayMismatch(RuntimeError):
+    """A retried request regenerated tokens that differ from those already delivered."""
 
 
 @dataclass
@@ -83,6 +100,11 @@ class Cluster:
         model_dir = resolve_model_path(config.engine.model)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         model_config = read_model_config(model_dir)
+        self.limits = ModelLimits(
+            vocab_size=model_config.vocab_size,
+            max_model_len=config.engine.scheduler.max_model_len
+            or model_config.max_position_embeddings,
+        )
         self.block_size = config.engine.cache.block_size
         self.telemetry = Telemetry(config.telemetry, "driver")
 
@@ -147,9 +169,17 @@ class Cluster:
             model_config, self.block_size, DTYPES[config.engine.dtype]
         )
         store_blocks = config.num_store_shards * config.store_capacity_bytes // block_bytes
+        # Restarted like every actor; its calls are retried across a restart (they are safe to
+        # repeat: a schedule that never returned reserved nothing a restarted conductor knows).
         self.conductor = (
             ray.remote(Conductor)
-            .options(name="raycake-conductor", namespace=config.namespace, num_cpus=0)
+            .options(
+                name="raycake-conductor",
+                namespace=config.namespace,
+                num_cpus=0,
+                max_restarts=config.actor_max_restarts,
+                max_task_retries=-1,
+            )
             .remote(
                 config.scheduling,
                 prefill_loads,
@@ -158,6 +188,9 @@ class Cluster:
                 block_bytes,
                 store_blocks if config.scheduling.use_store else 0,
                 config.transfer_bandwidth_bytes_per_s,
+                max_model_len=self.limits.max_model_len,
+                instances={**self.prefill, **self.decode},
+                store_shards=self.store_shards if config.scheduling.use_store else [],
             )
         )
         ray.get(self.conductor.ready.remote())
@@ -169,18 +202,31 @@ class Cluster:
             config = ClusterConfig.from_file(config)
         return cls(config)
 
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or a ``ValueError`` naming the field, before any work."""
+        return check_request(prompt, params, self.tokenizer, self.limits)
+
     def generate(
         self,
         prompts: Sequence[str | list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[ClusterOutput]:
-        """Run the prompts concurrently through the cluster; outputs in the prompts' order."""
+        """Run the prompts concurrently through the cluster; one output per prompt, in order.
+
+        Every prompt is checked before any is sent (a ``ValueError`` names the first bad one);
+        a request that fails later ends as ``finish_reason "error"`` without affecting others.
+        """
         params = sampling_params or SamplingParams()
         params_list = (
             [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         )
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
+        for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True)):
+            try:
+                self.check_request(prompt, sp)
+            except ValueError as exc:
+                raise ValueError(f"prompts[{i}]: {exc}") from None
 
         async def run_all() -> list[ClusterOutput]:
             return await asyncio.gather(
@@ -192,38 +238,60 @@ class Cluster:
     async def agenerate(self, prompt: str | list[int], params: SamplingParams) -> ClusterOutput:
         """One request to the end, as a coroutine (many run concurrently in one event loop)."""
         final = None
-        async for update in self.astream(prompt, params):
-            final = update
+        async with contextlib.aclosing(self.astream(prompt, params)) as stream:
+            async for update in stream:
+                final = update
         assert final is not None
         return final
 
     async def astream(
         self, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[ClusterOutput]:
-        """Yield the request's output each time it grows; the last one is final."""
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not token_ids:
-            raise ValueError("prompt: encodes to no tokens")
+        """Yield the request's output each time it grows; the last one is final (its
+        ``finish_reason`` is set). Closing the stream early cancels the request everywhere."""
+        token_ids = self.check_request(prompt, params)
         out = ClusterOutput(request_id=f"cluster-{next(self._ids)}", prompt_token_ids=token_ids)
         started = time.monotonic()
         hashes = block_hashes_for(token_ids, self.block_size)
+        delivered = 0  # tokens the caller has seen
         with self.telemetry.span("request", None, request_id=out.request_id) as trace:
             for attempt in range(self.config.request_max_retries + 1):
                 out.attempts = attempt + 1
                 try:
-                    async for update in self._attempt(out, hashes, params, started, trace):
-                        yield update
+                    async with contextlib.aclosing(
+                        self._attempt(out, hashes, params, started, trace, delivered)
+                    ) as updates:
+                        async for update in updates:
+                            delivered = len(update.token_ids)
+                            yield update
                     return
-                except RayActorError as exc:
-                    # The instance died. Deterministic sampling regenerates the same tokens, so
-                    # a retry is safe; the caller already saw the first len(token_ids) of them.
-                    if attempt == self.config.request_max_retries or not _replayable(params):
-                        out.finish_reason, out.error = "error", f"instance failed: {exc}"
-                        yield out
-                        return
-                    await self._wait_for_instances(out)
-                finally:
-                    await self.conductor.request_done.remote(out.request_id)
+                except RETRYABLE_FAULTS as exc:
+                    cause = f"{type(exc).__name__}: {_first_line(exc)}"
+                    if attempt == self.config.request_max_retries:
+                        reason = f"instance failed after {attempt + 1} attempts: {cause}"
+                    elif delivered and not _replayable(params):
+                        reason = (
+                            f"instance failed after {delivered} tokens were delivered, and the "
+                            f"request cannot be replayed (sampling is random without a seed; "
+                            f"set temperature 0 or a seed to make it retryable): {cause}"
+                        )
+                    else:
+                        # Forget what the caller never saw; what it saw is checked on replay.
+                        del out.token_ids[delivered:], out.token_times[delivered:]
+                        if not delivered:
+                            out.ttft_s = None
+                        await self._wait_for_instances(out)
+                        continue
+                    yield _ended(out, "error", reason)
+                    return
+                except ReplayMismatch as exc:
+                    yield _ended(out, "error", str(exc))
+                    return
+                except RayError as exc:
+                    # The request's own fault on an actor (it cannot fit there, a failed step):
+                    # a retry would fail the same way.
+                    yield _ended(out, "error", f"{type(exc).__name__}: {_first_line(exc)}")
+                    return
 
     async def _attempt(
         self,
@@ -232,6 +300,26 @@ class Cluster:
         params: SamplingParams,
         started: float,
         trace: dict[str, str],
+        known: int,
+    ) -> AsyncIterator[ClusterOutput]:
+        """One try; ``known`` tokens were delivered by earlier tries (a replay must match)."""
+        try:
+            async with contextlib.aclosing(
+                self._scheduled_attempt(out, hashes, params, started, trace, known)
+            ) as updates:
+                async for update in updates:
+                    yield update
+        finally:
+            await self._tell_conductor("request_done", out.request_id)
+
+    async def _scheduled_attempt(
+        self,
+        out: ClusterOutput,
+        hashes: list[bytes],
+        params: SamplingParams,
+        started: float,
+        trace: dict[str, str],
+        known: int,
     ) -> AsyncIterator[ClusterOutput]:
         with self.telemetry.span("conductor", trace, request_id=out.request_id):
             decision = await self.conductor.schedule.remote(
@@ -244,7 +332,7 @@ class Cluster:
             return
         out.prefill_instance = decision.prefill_instance_id
         out.decode_instance = decision.decode_instance_id
-        result: PrefillResult = await self.prefill[decision.prefill_instance_id].prefill.remote(
+        prefill_ref = self.prefill[decision.prefill_instance_id].prefill.remote(
             PrefillWork(
                 out.request_id,
                 out.prompt_token_ids,
@@ -253,14 +341,31 @@ class Cluster:
                 trace,
             )
         )
-        await self.conductor.prefill_done.remote(
+        try:
+            result: PrefillResult = await prefill_ref
+        except RETRYABLE_FAULTS:
+            await self._tell_conductor("instance_down", decision.prefill_instance_id)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            ray.cancel(prefill_ref)  # the caller went away: the prefill frees what it holds
+            raise
+        await self._tell_conductor(
+            "prefill_done",
             out.request_id,
             result.block_hashes,
             result.store_fetch_bytes,
             result.store_fetch_seconds,
         )
+        if result.finish_reason == "error":
+            out.finish_reason, out.error = "error", result.error
+            yield out
+            return
         now = time.monotonic()
-        known = len(out.token_ids)  # tokens the caller already has from an earlier attempt
+        if known and result.first_token_id != out.token_ids[0]:
+            raise ReplayMismatch(
+                f"the retry's first token {result.first_token_id} differs from the delivered "
+                f"{out.token_ids[0]}"
+            )
         out.num_cached_tokens = result.num_cached_tokens
         out.num_store_blocks = result.num_store_blocks
         out.kv_bytes = result.kv_bytes
@@ -270,7 +375,7 @@ class Cluster:
             self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
             if result.num_cached_tokens:
                 self.metrics.cached_tokens.inc(result.num_cached_tokens)
-        if known == 0:
+        if not out.token_ids:
             out.token_ids.append(result.first_token_id)
             out.token_times.append(now)
         if result.finish_reason is not None:
@@ -292,8 +397,11 @@ class Cluster:
         # detokenizes with stop strings); a retry rebuilds the same text from scratch.
         out.text = ""
         try:
-            async for update in self._decode_stream(out, decision.decode_instance_id, work, known):
-                yield update
+            async with contextlib.aclosing(
+                self._decode_stream(out, decision.decode_instance_id, work, known)
+            ) as updates:
+                async for update in updates:
+                    yield update
         finally:
             # Whatever happened, the prefill instance may drop its published copy of the KV.
             self.prefill[decision.prefill_instance_id].release.remote(result.kv_handle)
@@ -302,22 +410,49 @@ class Cluster:
         self, out: ClusterOutput, decode_id: str, work: DecodeWork, known: int
     ) -> AsyncIterator[ClusterOutput]:
         produced = 1
-        async for ref in self.decode[decode_id].generate.remote(work):
-            delta = await ref
-            out.text += delta.text
-            for token in delta.token_ids:
-                produced += 1
-                if produced > len(out.token_ids):  # beyond what an earlier attempt delivered
-                    now = time.monotonic()
-                    self.metrics.tbt_ms.observe(1000 * (now - out.token_times[-1]))
-                    out.token_ids.append(token)
-                    out.token_times.append(now)
-            if delta.finished:
-                out.finish_reason = delta.finish_reason
-            if produced > known or delta.finished:
-                yield out
-            if delta.finished:
-                return
+        stream = self.decode[decode_id].generate.remote(work)
+        finished = False
+        try:
+            async for ref in stream:
+                delta = await ref
+                out.text += delta.text
+                for token in delta.token_ids:
+                    produced += 1
+                    if produced <= known:  # replayed: must be what the caller already has
+                        if token != out.token_ids[produced - 1]:
+                            raise ReplayMismatch(
+                                f"the retry's token {produced - 1} is {token}, but "
+                                f"{out.token_ids[produced - 1]} was delivered"
+                            )
+                        continue
+                    if produced > len(out.token_ids):
+                        now = time.monotonic()
+                        self.metrics.tbt_ms.observe(1000 * (now - out.token_times[-1]))
+                        out.token_ids.append(token)
+                        out.token_times.append(now)
+                finished = delta.finished
+                if finished:
+                    out.finish_reason = delta.finish_reason
+                    out.error = getattr(delta, "error", None)
+                if produced > known or finished:
+                    yield out
+                if finished:
+                    return
+        except RETRYABLE_FAULTS:
+            await self._tell_conductor("instance_down", decode_id)
+            raise
+        finally:
+            if not finished:
+                # Failed, or the caller went away: stop the decode (it aborts the request and
+                # frees its blocks); harmless when the instance is already gone.
+                with contextlib.suppress(Exception):
+                    ray.cancel(stream)
+
+    async def _tell_conductor(self, method: str, *args: Any) -> None:
+        """Book-keeping calls: Ray retries them across a conductor restart; one that still fails
+        (restarts exhausted) must not fail the request, whose result does not depend on it."""
+        with contextlib.suppress(RayError):
+            await getattr(self.conductor, method).remote(*args)
 
     async def _wait_for_instances(self, out: ClusterOutput) -> None:
         """Give a restarting instance (Ray ``max_restarts``) time to come back before a retry."""
@@ -331,7 +466,8 @@ class Cluster:
             deadline = time.monotonic() + INSTANCE_RESTART_TIMEOUT_S
             while time.monotonic() < deadline:
                 try:
-                    await actor.ready.remote()
+                    instance_id = await actor.ready.remote()
+                    await self._tell_conductor("instance_up", instance_id)
                     break
                 except ActorDiedError:
                     break  # dead for good: the retry fails too, and reports it
@@ -368,3 +504,14 @@ def _running_cluster_address() -> str | None:
 
 def _replayable(params: SamplingParams) -> bool:
     return params.is_greedy or params.seed is not None
+
+
+def _ended(out: ClusterOutput, finish_reason: str, error: str) -> ClusterOutput:
+    out.finish_reason, out.error = finish_reason, error
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without the remote traceback Ray appends."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__

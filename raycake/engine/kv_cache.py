@@ -93,6 +93,10 @@ class KVCacheManager:
         """Fraction of blocks in use (ref count > 0); cached free blocks count as free."""
         return (self.num_blocks - len(self._free)) / self.num_blocks
 
+    def cached_block_hashes(self) -> list[bytes]:
+        """Every block hash the prefix cache holds (in use or free for reuse)."""
+        return list(self._cached)
+
     @property
     def request_ids(self) -> set[str]:
         """Requests that hold a block table."""

@@ -390,6 +390,14 @@ class LLMEngine:
         """The final output of a finished request (once; it is then forgotten)."""
         return self._finished.pop(request_id)
 
+    def discard_finished(self, request_id: str) -> None:
+        """Forget a finished request's output if it is still kept (a streaming caller that
+        already saw every delta has no use for it)."""
+        self._finished.pop(request_id, None)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._tracked)
+
     def pop_all_finished(self) -> list[RequestOutput]:
         outputs = list(self._finished.values())
         self._finished.clear()

@@ -47,6 +47,9 @@ class BlockStore(Generic[V]):
     def __contains__(self, key: bytes) -> bool:
         return key in self._values
 
+    def keys(self) -> list[bytes]:
+        return list(self._values)
+
     def put(self, key: bytes, value: V, nbytes: int) -> list[bytes]:
         """Store (or refresh) a block; returns the keys evicted to make room."""
         if nbytes <= 0 or nbytes > self.capacity_bytes:
