@@ -169,10 +169,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """JSON lines in ({"prompt": ..., "max_tokens": ..., ...}), JSON lines out, in order."""
+    """JSON lines in, one JSON reply line per request out (``raycake.cluster.jsonl_server``)."""
     import json
 
-    from raycake import SamplingParams
+    from raycake.cluster.jsonl_server import serve_stdin
 
     cluster = _start_cluster(args.config)
     print(
@@ -181,31 +181,10 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
-    for line_no, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            body = json.loads(line)
-            prompt = body.pop("prompt")
-            params = SamplingParams(**body)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            print(json.dumps({"line": line_no, "error": f"bad request: {exc}"}), flush=True)
-            continue
-        out = cluster.generate([prompt], params)[0]
-        print(
-            json.dumps(
-                {
-                    "line": line_no,
-                    "text": out.text,
-                    "finish_reason": out.finish_reason,
-                    "error": out.error,
-                    "ttft_s": out.ttft_s,
-                    "num_cached_tokens": out.num_cached_tokens,
-                }
-            ),
-            flush=True,
-        )
-    cluster.shutdown()
+    try:
+        serve_stdin(cluster)
+    finally:
+        cluster.shutdown()
     return 0
 
 

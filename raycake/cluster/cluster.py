@@ -438,8 +438,12 @@ class Cluster:
                     yield out
                 if finished:
                     return
-        except RETRYABLE_FAULTS:
-            await self._tell_conductor("instance_down", decode_id)
+        except RETRYABLE_FAULTS as exc:
+            # A dead decode instance, or KV lost with the prefill instance that published it.
+            lost_kv = isinstance(exc, ObjectLostError)
+            await self._tell_conductor(
+                "instance_down", out.prefill_instance if lost_kv else decode_id
+            )
             raise
         finally:
             if not finished:

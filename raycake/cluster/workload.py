@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from raycake.cluster.cluster import Cluster, ClusterOutput
 from raycake.engine.sampling_params import SamplingParams
 
-_OPENERS = [
+OPENERS = [
     "def parse_config(path):\n",
     "class LRUCache:\n    def __init__(self, capacity):\n",
     "import json\nimport os\n\n\ndef load(path):\n",
@@ -17,7 +17,7 @@ _OPENERS = [
     "def merge_sort(items):\n",
     "class Matrix:\n    def __mul__(self, other):\n",
 ]
-_FOLLOW_UPS = [
+FOLLOW_UPS = [
     "\n\ndef test_it():\n",
     "\n\nif __name__ == '__main__':\n",
     "\n    # handle the error case\n",
@@ -56,7 +56,7 @@ def run_multi_turn(
 ) -> tuple[list[ClusterOutput], WorkloadSummary]:
     """Each session's next prompt is its previous prompt + answer + a follow-up line."""
     rng = random.Random(seed)
-    prompts = [rng.choice(_OPENERS) for _ in range(num_sessions)]
+    prompts = [rng.choice(OPENERS) for _ in range(num_sessions)]
     params = SamplingParams(temperature=0.7, top_p=0.95, seed=seed, max_tokens=max_tokens)
     bar = None
     if progress:
@@ -67,7 +67,7 @@ def run_multi_turn(
     for _ in range(num_turns):
         turn = cluster.generate(prompts, params)
         outputs.extend(turn)
-        prompts = [p + o.text + rng.choice(_FOLLOW_UPS) for p, o in zip(prompts, turn, strict=True)]
+        prompts = [p + o.text + rng.choice(FOLLOW_UPS) for p, o in zip(prompts, turn, strict=True)]
         if bar is not None:
             bar.update(len(turn))
     if bar is not None:

@@ -85,3 +85,120 @@ def test_requests_carry_their_block_hashes_to_the_policy():
     assert tree.match([int.from_bytes(h, "little") for h in hashes]) == 8
     second = conductor.schedule("b", hashes, 140, 10)
     assert second.prefill_instance_id == first.prefill_instance_id
+
+
+def test_an_instance_reported_down_gets_no_requests_until_it_answers_again():
+    conductor = _conductor(policy="round_robin")
+    conductor.instance_down("prefill-0")
+    chosen = {
+        conductor.schedule(f"r{i}", _hashes(1, i), 16, 4).prefill_instance_id for i in range(4)
+    }
+    assert chosen == {"prefill-1"}
+    # Every prefill instance down: requests still get one, and wait in its queue for the restart.
+    conductor.instance_down("prefill-1")
+    assert isinstance(conductor.schedule("w", _hashes(1, 9), 16, 4), ScheduleDecision)
+    conductor.instance_up("prefill-0")
+    conductor.instance_up("prefill-1")
+    chosen = {
+        conductor.schedule(f"u{i}", _hashes(1, 20 + i), 16, 4).prefill_instance_id for i in range(2)
+    }
+    assert chosen == {"prefill-0", "prefill-1"}
+
+
+def test_a_restarted_instance_is_forgotten_in_the_prefix_index():
+    conductor = _conductor()
+    first = conductor.schedule("a", _hashes(8), 130, 10)
+    conductor.prefill_done("a", _hashes(8))
+    conductor.request_done("a")
+    conductor.instance_down(first.prefill_instance_id)
+    conductor.instance_up(first.prefill_instance_id)  # it restarted with an empty cache
+    # The prefix now lives only in the store index (where prefill_done also put it).
+    assert conductor._prefill_index[first.prefill_instance_id].prefix_length(_hashes(8)) == 0
+    assert conductor._store_index.prefix_length(_hashes(8)) == 8
+
+
+def test_prompts_beyond_the_context_are_rejected_with_the_numbers():
+    conductor = Conductor(
+        SchedulingConfig(),
+        [_load("prefill-0")],
+        [_load("decode-0")],
+        block_size=16,
+        block_bytes=1024,
+        store_capacity_blocks=100,
+        transfer_bandwidth_bytes_per_s=1e9,
+        max_model_len=128,
+    )
+    out = conductor.schedule("long", _hashes(7), 120, 16)
+    assert isinstance(out, Rejection)
+    assert out.reason.startswith("max_model_len:") and "120 tokens + max_tokens 16" in out.reason
+    assert isinstance(conductor.schedule("fits", _hashes(7), 112, 16), ScheduleDecision)
+
+
+class _FakeMethod:
+    def __init__(self, value):
+        self.value = value
+
+    def remote(self, *args):
+        async def reply():
+            if isinstance(self.value, BaseException):
+                raise self.value
+            return self.value
+
+        return reply()
+
+
+class _FakeInstance:
+    def __init__(self, hashes=None, load=None):
+        self.cached_block_hashes = _FakeMethod(hashes or [])
+        self.load = _FakeMethod(load)
+
+
+class _FakeShard:
+    def __init__(self, hashes):
+        self.block_hashes = _FakeMethod(hashes)
+
+
+def test_a_restarted_conductor_rebuilds_its_books_from_the_cluster():
+    import asyncio
+
+    cached = _hashes(6, 1)
+    stored = _hashes(4, 2)
+    # decode-0 runs 3 requests the new conductor never scheduled: 12 of its 20 blocks.
+    busy = InstanceLoad("decode-0", 3, 0, 8, 32, dict(COST))
+    idle = InstanceLoad("decode-0", 0, 0, 20, 32, dict(COST))
+    instances = {
+        "prefill-0": _FakeInstance(hashes=cached),
+        "prefill-1": _FakeInstance(hashes=RuntimeError("restarting")),
+        "decode-0": _FakeInstance(load=busy),
+    }
+    conductor = Conductor(
+        SchedulingConfig(),
+        [_load("prefill-0"), _load("prefill-1")],
+        [_load("decode-0", blocks=20)],
+        block_size=16,
+        block_bytes=1024,
+        store_capacity_blocks=100,
+        transfer_bandwidth_bytes_per_s=1e9,
+        instances=instances,
+        store_shards=[_FakeShard(stored)],
+    )
+
+    async def rebuild_then_drain():
+        conductor.ready()  # starts the rebuild in the running loop
+        while conductor._decode["decode-0"].orphan_running == 0:
+            await asyncio.sleep(0.001)
+        during = conductor.schedule("big", _hashes(1, 7), 16 * 9, 16)  # 10 blocks > 8 free
+        instances["decode-0"].load = _FakeMethod(idle)  # the orphans finished
+        await asyncio.wait_for(conductor._rebuild_task, 10)
+        after = conductor.schedule("big2", _hashes(1, 8), 16 * 9, 16)
+        return during, after
+
+    during, after = asyncio.run(rebuild_then_drain())
+    assert conductor._prefill_index["prefill-0"].prefix_length(cached) == 6
+    assert conductor._prefill_index["prefill-1"].prefix_length(cached) == 0
+    assert conductor._store_index.prefix_length(stored) == 4
+    assert isinstance(during, Rejection)
+    assert isinstance(after, ScheduleDecision)
+    conductor.request_done("big2")
+    decision = conductor.schedule("follow-up", [*cached, *_hashes(1, 3)], 7 * 16, 8)
+    assert decision.prefill_instance_id == "prefill-0"
