@@ -39,16 +39,18 @@ from raycake.cluster.config import ClusterConfig
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.engine.sampling_params import SamplingParams
+from raycake.model.config import ModelConfig
 from raycake.model.loader import DTYPES, read_model_config, resolve_model_path
 from raycake.model.tokenizer import Tokenizer
 from raycake.policies.scheduling import Rejection
 from raycake.telemetry import ClusterMetrics, Telemetry
+from raycake.transfer.base import KVLostError
 from raycake.transfer.ray_direct import RAY_DIRECT_ACTOR_OPTIONS, connect_ray_direct
 
 # How long a retry waits for a restarting instance (its engine loads and calibrates).
 INSTANCE_RESTART_TIMEOUT_S = 60.0
-# Faults a retry can cure: the actor died or restarts, or an object it owned died with it.
-RETRYABLE_FAULTS = (RayActorError, ObjectLostError)
+# Faults a retry can cure: the actor died or restarts, or what it published died with it.
+RETRYABLE_FAULTS = (RayActorError, ObjectLostError, KVLostError)
 
 
 class ReplayMismatch(RuntimeError):
@@ -94,7 +96,9 @@ def _actor_options(config: ClusterConfig, name: str, **extra: Any) -> dict[str, 
 class Cluster:
     """The driver's handle on a running raycake deployment."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, *, attach: bool = False) -> None:
+        """Launch the deployment's named actors, or with ``attach`` find those another driver
+        launched (an HTTP ingress replica is one more driver over the same actors)."""
         self.config = config
         self._ids = itertools.count()
         model_dir = resolve_model_path(config.engine.model)
@@ -113,6 +117,30 @@ class Cluster:
             address = config.ray_address or _running_cluster_address()
             ray.init(address=address, namespace=config.namespace)
         self.metrics = ClusterMetrics()
+        self.owns_actors = not attach  # only the launching driver shuts the actors down
+        if attach:
+            self._attach()
+        else:
+            self._launch(model_config)
+
+    def _attach(self) -> None:
+        config = self.config
+
+        def actor(name: str):
+            return ray.get_actor(name, namespace=config.namespace)
+
+        self.store_shards = [actor(f"raycake-kv-store-{i}") for i in range(config.num_store_shards)]
+        self.prefill = {
+            f"prefill-{i}": actor(f"raycake-prefill-{i}") for i in range(config.num_prefill)
+        }
+        self.decode = {
+            f"decode-{i}": actor(f"raycake-decode-{i}") for i in range(config.num_decode)
+        }
+        self.conductor = actor("raycake-conductor")
+        self._rdt_coordinator = None
+
+    def _launch(self, model_config: ModelConfig) -> None:
+        config = self.config
         self.store_shards = [
             ray.remote(KVStoreShard)
             .options(**_actor_options(config, f"raycake-kv-store-{i}", num_cpus=0))
@@ -201,6 +229,11 @@ class Cluster:
         if not isinstance(config, ClusterConfig):
             config = ClusterConfig.from_file(config)
         return cls(config)
+
+    @classmethod
+    def attach(cls, config: ClusterConfig) -> Cluster:
+        """A driver over the running deployment ``config`` describes (same namespace)."""
+        return cls(config, attach=True)
 
     def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or a ``ValueError`` naming the field, before any work."""
@@ -440,7 +473,7 @@ class Cluster:
                     return
         except RETRYABLE_FAULTS as exc:
             # A dead decode instance, or KV lost with the prefill instance that published it.
-            lost_kv = isinstance(exc, ObjectLostError)
+            lost_kv = isinstance(exc, (ObjectLostError, KVLostError))
             await self._tell_conductor(
                 "instance_down", out.prefill_instance if lost_kv else decode_id
             )
@@ -484,6 +517,9 @@ class Cluster:
         ray.get(self.conductor.forget_instance_caches.remote())
 
     def shutdown(self) -> None:
+        """Kill the deployment's actors (a driver that only attached leaves them running)."""
+        if not self.owns_actors:
+            return
         for actor in [
             *self.prefill.values(),
             *self.decode.values(),

@@ -1,12 +1,13 @@
 """Moving KV blocks between processes and nodes behind one protocol."""
 
-from raycake.transfer.base import BACKENDS, KVHandle, KVTransfer, make_kv_transfer
+from raycake.transfer.base import BACKENDS, KVHandle, KVLostError, KVTransfer, make_kv_transfer
 from raycake.transfer.wire import KVBlockHeader, KVTransferError, pack_kv, unpack_kv
 
 __all__ = [
     "BACKENDS",
     "KVBlockHeader",
     "KVHandle",
+    "KVLostError",
     "KVTransfer",
     "KVTransferError",
     "make_kv_transfer",

@@ -11,6 +11,11 @@ import torch
 from raycake.transfer.wire import KVBlockHeader, KVTransferError
 
 
+class KVLostError(KVTransferError):
+    """The published KV is gone with its publisher (the prefill instance died or restarted):
+    not the request's fault, so the driver retries it from a new prefill."""
+
+
 @dataclass(frozen=True)
 class KVHandle:
     """Where a published KV payload can be fetched from: small, travels inside a Ray actor call.

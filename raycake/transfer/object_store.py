@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from raycake.transfer.base import KVHandle, check_handle, check_sent_header
+from raycake.transfer.base import KVHandle, KVLostError, check_handle, check_sent_header
 from raycake.transfer.wire import KVBlockHeader, KVTransferError, check_payload, unpack_kv
 
 
@@ -67,9 +67,7 @@ class ObjectStoreTransfer:
         try:
             value = ray.get(handle.locator, timeout=self.timeout_s)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as exc:
-            raise KVTransferError(
-                f"object_store: fetch of {handle.transfer_id} failed: {exc}"
-            ) from exc
+            raise KVLostError(f"object_store: fetch of {handle.transfer_id} failed: {exc}") from exc
         if not isinstance(value, tuple) or len(value) != 2:
             raise KVTransferError(f"payload: expected (header, array), got {type(value).__name__}")
         sent_header, payload = value

@@ -39,7 +39,7 @@ import numpy as np
 import ray
 import torch
 
-from raycake.transfer.base import KVHandle, check_handle, check_sent_header
+from raycake.transfer.base import KVHandle, KVLostError, check_handle, check_sent_header
 from raycake.transfer.wire import KVBlockHeader, KVTransferError, check_payload, unpack_kv
 
 RAY_DIRECT_TRANSPORTS = ("gloo", "nccl", "nixl")
@@ -210,7 +210,7 @@ class RayDirectTransfer:
         except ray.exceptions.RayError as exc:
             with state.lock:
                 state.inbox.pop(fetch_id, None)
-            raise KVTransferError(
+            raise KVLostError(
                 f"ray_direct: fetch of {handle.transfer_id} failed: {_last_line(exc)}"
             ) from exc
         with state.lock:

@@ -5,10 +5,19 @@ A payload holds ``num_blocks`` blocks of every layer as one contiguous tensor:
     L = layers, 2 = (key, value), B = blocks, S = block size (tokens), H = KV heads, D = head dim
     payload: [L, 2, B, S, H, D] in the model dtype
 
-The header says exactly what the bytes must be (shape, dtype, size, optional CRC-32) and which
-prefix blocks they are (chained block hashes). ``unpack_kv`` refuses any payload that does not match
-it: a bad block is a clear ``KVTransferError``, never silent garbage. Headers are msgpack, never
-pickle: a receiver can decode one from an untrusted peer without running its code.
+and, optionally, right after those bytes, the target features of the same tokens, which an
+EAGLE draft head drafts from (a prompt handed from a prefill to a decode instance):
+
+    N = num_tokens, E = features_dim (the target's hidden size)
+    features: [N, E] in ``features_dtype``
+
+The header says exactly what the bytes must be (shape, dtype, size, optional CRC-32 of each
+part) and which prefix blocks they are (chained block hashes). ``unpack_kv`` refuses any payload
+that does not match it: a bad block is a clear ``KVTransferError``, never silent garbage. Headers
+are msgpack, never pickle: a receiver can decode one from an untrusted peer without running its
+code. A header without features is version 1, byte for byte what it always was; one with
+features is version 2 (an old receiver refuses it by its version instead of misreading it).
+``nbytes`` is the whole payload's size, so a transport that moves ``nbytes`` bytes moves both.
 """
 
 from __future__ import annotations
@@ -18,13 +27,14 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 import torch
 
-WIRE_VERSION = 1
+WIRE_VERSION = 1  # a payload of KV only
+WIRE_VERSION_FEATURES = 2  # KV, then the features of the same tokens
 BLOCK_HASH_BYTES = 16  # blake2b-128 chained hashes, as raycake.engine.kv_cache.hash_block_tokens
 MAX_DIM = 2**31 - 1
 MAX_PAYLOAD_BYTES = 2**40  # 1 TiB: refuses a header that would make a receiver allocate absurdly
@@ -50,6 +60,7 @@ _FIELDS = (
     "nbytes",
     "checksum",
 )
+_FEATURE_FIELDS = ("features_dim", "features_dtype", "features_checksum")
 
 KVPayload = np.ndarray | torch.Tensor | bytes | bytearray | memoryview
 
@@ -71,8 +82,13 @@ class KVBlockHeader:
     # Chained hashes of the leading full blocks (16 bytes each); a trailing partial block has none.
     block_hashes: tuple[bytes, ...]
     num_tokens: int  # valid tokens across the payload; only the last block may be partial
-    nbytes: int  # payload size in bytes: prod(shape) * itemsize
-    checksum: int | None = None  # CRC-32 of the payload bytes, or None when not computed
+    nbytes: int  # payload size in bytes: kv_nbytes + features_nbytes
+    checksum: int | None = None  # CRC-32 of the KV bytes, or None when not computed
+    # The optional features after the KV: [num_tokens, features_dim] of features_dtype, and
+    # the CRC-32 of their bytes (None when not computed). All None: no features.
+    features_dim: int | None = None
+    features_dtype: str | None = None
+    features_checksum: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
@@ -98,12 +114,26 @@ class KVBlockHeader:
         object.__setattr__(self, "block_hashes", hashes)
         capacity = self.num_blocks * self.block_size
         _check_int("num_tokens", self.num_tokens, low=capacity - self.block_size + 1, high=capacity)
+        if self.features_dim is None:
+            for name in ("features_dtype", "features_checksum"):
+                if getattr(self, name) is not None:
+                    raise KVTransferError(f"{name}: set without features_dim")
+        else:
+            _check_int("features_dim", self.features_dim, low=1, high=MAX_DIM)
+            if not isinstance(self.features_dtype, str) or self.features_dtype not in _DTYPES:
+                raise KVTransferError(
+                    f"features_dtype: expected one of {sorted(_DTYPES)}, got "
+                    f"{self.features_dtype!r}"
+                )
+            if self.features_checksum is not None:
+                _check_int("features_checksum", self.features_checksum, low=0, high=2**32 - 1)
         _check_int("nbytes", self.nbytes, low=1, high=MAX_PAYLOAD_BYTES)
-        expected = math.prod(self.shape) * self.itemsize
+        expected = self.kv_nbytes + self.features_nbytes
         if self.nbytes != expected:
-            raise KVTransferError(
-                f"nbytes: {self.nbytes} != {expected} for shape {self.shape} of {self.dtype}"
-            )
+            what = f"shape {self.shape} of {self.dtype}"
+            if self.features_shape is not None:
+                what += f" and features {self.features_shape} of {self.features_dtype}"
+            raise KVTransferError(f"nbytes: {self.nbytes} != {expected} for {what}")
         if self.checksum is not None:
             _check_int("checksum", self.checksum, low=0, high=2**32 - 1)
 
@@ -136,10 +166,35 @@ class KVBlockHeader:
     def num_tokens_in_last_block(self) -> int:
         return self.num_tokens - (self.num_blocks - 1) * self.block_size
 
+    @property
+    def kv_nbytes(self) -> int:
+        """The KV part of the payload: prod(shape) * itemsize bytes, first."""
+        return math.prod(self.shape) * self.itemsize
+
+    @property
+    def has_features(self) -> bool:
+        return self.features_dim is not None
+
+    @property
+    def features_shape(self) -> tuple[int, int] | None:
+        """[num_tokens, features_dim], or None without features."""
+        return None if self.features_dim is None else (self.num_tokens, self.features_dim)
+
+    @property
+    def features_nbytes(self) -> int:
+        """The features part of the payload, after the KV (0 without features)."""
+        if self.features_dim is None or self.features_dtype not in _DTYPES:
+            return 0
+        return self.num_tokens * self.features_dim * _DTYPES[self.features_dtype][1].itemsize
+
     def to_msgpack(self) -> bytes:
         fields = {name: getattr(self, name) for name in _FIELDS}
         fields["block_hashes"] = list(self.block_hashes)
-        return msgpack.packb({"version": WIRE_VERSION, **fields}, use_bin_type=True)
+        version = WIRE_VERSION
+        if self.has_features:
+            version = WIRE_VERSION_FEATURES
+            fields.update({name: getattr(self, name) for name in _FEATURE_FIELDS})
+        return msgpack.packb({"version": version, **fields}, use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, data: bytes | bytearray | memoryview) -> KVBlockHeader:
@@ -156,15 +211,27 @@ class KVBlockHeader:
         if not isinstance(fields, dict):
             raise KVTransferError(f"header: expected a map, got {type(fields).__name__}")
         version = fields.pop("version", None)
-        if version != WIRE_VERSION:
-            raise KVTransferError(f"version: expected {WIRE_VERSION}, got {version!r}")
-        missing = [name for name in _FIELDS if name not in fields]
-        unknown = sorted(str(name) for name in fields if name not in _FIELDS)
+        if version not in (WIRE_VERSION, WIRE_VERSION_FEATURES):
+            raise KVTransferError(
+                f"version: expected {WIRE_VERSION} or {WIRE_VERSION_FEATURES}, got {version!r}"
+            )
+        expected = _FIELDS if version == WIRE_VERSION else _FIELDS + _FEATURE_FIELDS
+        missing = [name for name in expected if name not in fields]
+        unknown = sorted(str(name) for name in fields if name not in expected)
         if missing or unknown:
             raise KVTransferError(f"header: missing fields {missing}, unknown fields {unknown}")
         if not isinstance(fields["block_hashes"], list):
             raise KVTransferError("block_hashes: expected a list of bytes")
+        if version == WIRE_VERSION_FEATURES and fields["features_dim"] is None:
+            raise KVTransferError(f"features_dim: required by version {version}, got None")
         return cls(**fields)
+
+
+class UnpackedKV(NamedTuple):
+    """What a payload holds: the KV, and the features when its header describes them."""
+
+    kv: torch.Tensor  # [L, 2, B, S, H, D]
+    features: torch.Tensor | None  # [num_tokens, features_dim], or None
 
 
 def pack_kv(
@@ -172,24 +239,38 @@ def pack_kv(
     block_hashes: Sequence[bytes],
     num_tokens: int,
     with_checksum: bool = False,
+    *,
+    features: torch.Tensor | None = None,
 ) -> tuple[KVBlockHeader, np.ndarray]:
-    """Header and numpy view of a [L, 2, B, S, H, D] KV tensor on the CPU.
+    """Header and host (numpy) payload of a [L, 2, B, S, H, D] KV tensor on any device, and
+    optionally the [num_tokens, E] features of the same tokens (``ExportedKV.features``).
 
-    Zero-copy when ``kv`` is contiguous (the array shares its memory: don't modify ``kv`` while
-    the payload is published); bfloat16 comes back as its uint16 bits.
+    A tensor on an accelerator is staged to host memory here (one device-to-host copy: the
+    bytes must be in host memory to be published). KV alone: the array is typed (bfloat16 as
+    its uint16 bits), and zero-copy when ``kv`` is a contiguous CPU tensor (it shares the
+    memory: don't modify ``kv`` while the payload is published). With features: one flat
+    uint8 array, the KV bytes then the features bytes (a copy).
     """
-    if not isinstance(kv, torch.Tensor):
-        raise KVTransferError(f"kv: expected a torch.Tensor, got {type(kv).__name__}")
+    kv = _host_tensor("kv", kv)
     if kv.dim() != 6 or kv.shape[1] != 2:
         raise KVTransferError(f"kv: expected shape [L, 2, B, S, H, D], got {tuple(kv.shape)}")
-    if kv.dtype not in _DTYPE_NAMES:
-        raise KVTransferError(f"kv: dtype {kv.dtype} not one of {sorted(_DTYPES)}")
-    if kv.device.type != "cpu":
-        raise KVTransferError(f"kv: pack_kv needs a CPU tensor, got device {kv.device}")
-    kv = kv.detach().contiguous()
-    bits = kv.view(torch.uint16) if kv.dtype == torch.bfloat16 else kv
-    array = bits.numpy()
+    array = _typed_array(kv)
     num_layers, _, num_blocks, block_size, num_kv_heads, head_dim = kv.shape
+    fields: dict[str, Any] = {}
+    feature_array = None
+    if features is not None:
+        features = _host_tensor("features", features)
+        if features.dim() != 2 or features.shape[0] != num_tokens:
+            raise KVTransferError(
+                f"features: expected shape [num_tokens={num_tokens}, E], got "
+                f"{tuple(features.shape)}"
+            )
+        feature_array = _typed_array(features)
+        fields = {
+            "features_dim": features.shape[1],
+            "features_dtype": _DTYPE_NAMES[features.dtype],
+            "features_checksum": (zlib.crc32(_byte_view(feature_array)) if with_checksum else None),
+        }
     header = KVBlockHeader(
         num_layers=num_layers,
         num_blocks=num_blocks,
@@ -199,20 +280,39 @@ def pack_kv(
         dtype=_DTYPE_NAMES[kv.dtype],
         block_hashes=tuple(block_hashes),
         num_tokens=num_tokens,
-        nbytes=array.nbytes,
+        nbytes=array.nbytes + (0 if feature_array is None else feature_array.nbytes),
         checksum=zlib.crc32(_byte_view(array)) if with_checksum else None,
+        **fields,
     )
-    return header, array
+    if feature_array is None:
+        return header, array
+    flat = np.empty(header.nbytes, dtype=np.uint8)  # [KV bytes | features bytes]
+    flat[: array.nbytes] = _byte_view(array)
+    flat[array.nbytes :] = _byte_view(feature_array)
+    return header, flat
 
 
-def unpack_kv(header: KVBlockHeader, payload: KVPayload) -> torch.Tensor:
-    """The [L, 2, B, S, H, D] tensor of ``header.dtype`` that ``payload`` holds, after checks.
+def unpack_kv(
+    header: KVBlockHeader, payload: KVPayload, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The [L, 2, B, S, H, D] tensor of ``header.dtype`` that ``payload`` holds, after checks
+    (of the features too, when the header describes them; ``unpack_payload`` returns them).
 
     ``payload`` is either typed (a numpy array or tensor of the header's dtype and shape; for
     bfloat16 also uint16 bits) or raw (bytes-like, or a 1-D uint8 array/tensor) of exactly
-    ``header.nbytes`` bytes. Zero-copy: the result shares the payload's memory, and is read-only
-    when the payload is (e.g. a Ray object store view): copy it before writing in place.
+    ``header.nbytes`` bytes; a payload with features is always raw. Without ``device``:
+    zero-copy, the result shares the payload's memory (on the payload's device), and is
+    read-only when the payload is (e.g. a Ray object store view): copy it before writing in
+    place. With ``device``: a copy on that device.
     """
+    return unpack_payload(header, payload, device).kv
+
+
+def unpack_payload(
+    header: KVBlockHeader, payload: KVPayload, device: torch.device | str | None = None
+) -> UnpackedKV:
+    """The KV and (when the header describes them) the features that ``payload`` holds, after
+    the checks of ``unpack_kv``; on ``device`` when given (else zero-copy views)."""
     if not isinstance(header, KVBlockHeader):
         raise KVTransferError(f"header: expected KVBlockHeader, got {type(header).__name__}")
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -235,13 +335,20 @@ def unpack_kv(header: KVBlockHeader, payload: KVPayload) -> torch.Tensor:
     else:
         raise KVTransferError(f"payload: unsupported type {type(payload).__name__}")
     raw = tensor.reshape(-1).view(torch.uint8)  # [nbytes]
-    if header.checksum is not None:
-        actual = zlib.crc32(_byte_view(raw.cpu().numpy()))
-        if actual != header.checksum:
-            raise KVTransferError(
-                f"checksum: payload CRC-32 {actual:#010x} != header {header.checksum:#010x}"
-            )
-    return raw.view(header.torch_dtype).reshape(header.shape)  # [L, 2, B, S, H, D]
+    kv_raw, feature_raw = raw[: header.kv_nbytes], raw[header.kv_nbytes :]
+    _check_crc("checksum", kv_raw, header.checksum)
+    kv = kv_raw.view(header.torch_dtype).reshape(header.shape)  # [L, 2, B, S, H, D]
+    features = None
+    if header.features_shape is not None and header.features_dtype is not None:
+        _check_crc("features_checksum", feature_raw, header.features_checksum)
+        # NOTE: a zero-copy view: the KV part is a multiple of 4 bytes (its [L, 2, ...] shape
+        # has an even element count of a 2- or 4-byte dtype), so the features stay aligned.
+        feature_dtype = _DTYPES[header.features_dtype][0]
+        features = feature_raw.view(feature_dtype).reshape(header.features_shape)  # [N, E]
+    if device is not None:
+        kv = kv.to(device)
+        features = None if features is None else features.to(device)
+    return UnpackedKV(kv, features)
 
 
 def check_payload(header: KVBlockHeader, payload: KVPayload) -> None:
@@ -272,6 +379,31 @@ def _check_payload_layout(
         raise KVTransferError(f"payload: dtype {dtype_name}, header says dtype={header.dtype}")
     if tuple(shape) != header.shape:
         raise KVTransferError(f"payload: shape {tuple(shape)}, header says {header.shape}")
+
+
+def _host_tensor(name: str, tensor: object) -> torch.Tensor:
+    """A contiguous CPU copy (or the tensor itself, when it already is one) of a tensor on any
+    device, after checking its dtype travels."""
+    if not isinstance(tensor, torch.Tensor):
+        raise KVTransferError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise KVTransferError(f"{name}: dtype {tensor.dtype} not one of {sorted(_DTYPES)}")
+    if tensor.device.type == "meta":
+        raise KVTransferError(f"{name}: a tensor on device meta has no bytes to send")
+    return tensor.detach().cpu().contiguous()
+
+
+def _typed_array(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
+    return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _check_crc(name: str, raw: torch.Tensor, expected: int | None) -> None:
+    if expected is None:
+        return
+    actual = zlib.crc32(_byte_view(raw.cpu().numpy()))
+    if actual != expected:
+        raise KVTransferError(f"{name}: payload CRC-32 {actual:#010x} != header {expected:#010x}")
 
 
 def _byte_view(array: np.ndarray) -> memoryview:
