@@ -1,23 +1,25 @@
 """Chaos: concurrent streaming requests on the demo workload while actors are killed.
 
-    python -m benchmarks.chaos [--sessions 8] [--turns 4] [--kill-every 4] [--max-seconds 240]
+    python -m benchmarks.chaos [--sessions 8] [--duration 60] [--kill-every 5]
 
 The local cluster of ``raycake demo`` (1 prefill, 1 decode, 2 KV-store shards, the conductor; the
-embedded model) serves ``--sessions`` concurrent multi-turn sessions twice, in one run: first with
-no fault, then while a random actor (prefill, decode, a store shard or the conductor) is killed
-every ``--kill-every`` seconds (Ray restarts it). Every request streams; the driver records what
+embedded model) serves ``--sessions`` concurrent sessions of multi-turn conversations (``--turns``
+each, then a new one) for ``--duration`` seconds, twice in one run: first with no fault, then
+while a random actor (prefill, decode, a store shard or the conductor) is killed every
+``--kill-every`` seconds (Ray restarts it). Every request streams; the driver records what
 each caller saw. Reported per phase: requests completed, errored (by cause), lost (no final
 answer within the bound: must be 0), duplicated or spliced streams (an update that does not
 extend what the caller already saw: must be 0), seeded requests whose tokens differ from the
 fault-free run, and p50/p99 TTFT. ``--unseeded-share`` of the sessions sample without a seed, so
 a decode failure after their first tokens cannot be replayed: they end with a clear error.
-Bounded in count (sessions x turns) and time (``--max-seconds`` per phase, then a drain bound).
+Bounded in time: no request starts after ``--duration``, and each has ``--request-timeout``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import statistics
 import time
@@ -37,6 +39,7 @@ from raycake.engine.sampling_params import SamplingParams
 class RequestRecord:
     phase: str
     session: int
+    conversation: int
     turn: int
     seeded: bool
     finish_reason: str = "lost"
@@ -75,29 +78,30 @@ async def _session(
     deadline: float,
 ) -> None:
     rng = random.Random(args.seed * 1000 + session)
-    prompt = OPENERS[session % len(OPENERS)]
     seeded = session >= round(args.unseeded_share * args.sessions)
-    for turn in range(args.turns):
-        if time.monotonic() > deadline:
-            return
-        params = SamplingParams(
-            temperature=0.7,
-            top_p=0.95,
-            seed=(args.seed * 100 + session) if seeded else None,
-            max_tokens=args.max_tokens,
-        )
-        record = RequestRecord(phase, session, turn, seeded)
-        records.append(record)
-        try:
-            text = await asyncio.wait_for(
-                _stream(cluster, prompt, params, record), timeout=args.request_timeout
+    for conversation in itertools.count():
+        prompt = OPENERS[(session + conversation) % len(OPENERS)]
+        for turn in range(args.turns):
+            if time.monotonic() > deadline:
+                return
+            params = SamplingParams(
+                temperature=0.7,
+                top_p=0.95,
+                seed=(args.seed * 100 + session) if seeded else None,
+                max_tokens=args.max_tokens,
             )
-        except Exception as exc:  # a lost request: no final answer (must not happen)
-            record.finish_reason, record.cause = "lost", f"{type(exc).__name__}: {exc}"[:80]
-            return
-        if record.finish_reason not in ("stop", "length"):
-            return  # the session cannot continue from an answer it did not get
-        prompt = prompt + text + rng.choice(FOLLOW_UPS)
+            record = RequestRecord(phase, session, conversation, turn, seeded)
+            records.append(record)
+            try:
+                text = await asyncio.wait_for(
+                    _stream(cluster, prompt, params, record), timeout=args.request_timeout
+                )
+            except Exception as exc:  # a lost request: no final answer (must not happen)
+                record.finish_reason, record.cause = "lost", f"{type(exc).__name__}: {exc}"[:80]
+                break
+            if record.finish_reason not in ("stop", "length"):
+                break  # the conversation cannot go on from an answer it did not get
+            prompt = prompt + text + rng.choice(FOLLOW_UPS)
 
 
 async def _killer(cluster: Cluster, every_s: float, rng: random.Random, kills: Counter) -> None:
@@ -117,7 +121,7 @@ async def _killer(cluster: Cluster, every_s: float, rng: random.Random, kills: C
 async def _phase(cluster: Cluster, phase: str, args: argparse.Namespace) -> tuple[list, Counter]:
     records: list[RequestRecord] = []
     kills: Counter = Counter()
-    deadline = time.monotonic() + args.max_seconds
+    deadline = time.monotonic() + args.duration
     killer = None
     if phase == "faults":
         killer = asyncio.ensure_future(
@@ -128,6 +132,10 @@ async def _phase(cluster: Cluster, phase: str, args: argparse.Namespace) -> tupl
     if killer is not None:
         killer.cancel()
     return records, kills
+
+
+def _key(record: RequestRecord) -> tuple[int, int, int]:
+    return record.session, record.conversation, record.turn
 
 
 def _percentile(values: list[float], q: int) -> float:
@@ -143,11 +151,7 @@ def summarize(phase: str, records: list[RequestRecord], kills: Counter, referenc
     errored = [r for r in records if r.finish_reason == "error"]
     causes = Counter(r.cause.split(":")[0] for r in errored)
     differs = sum(
-        1
-        for r in ok
-        if r.seeded
-        and (r.session, r.turn) in reference
-        and reference[(r.session, r.turn)] != r.token_ids
+        1 for r in ok if r.seeded and _key(r) in reference and reference[_key(r)] != r.token_ids
     )
     ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
     return {
@@ -170,10 +174,10 @@ def summarize(phase: str, records: list[RequestRecord], kills: Counter, referenc
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions")
-    parser.add_argument("--turns", type=int, default=4, help="requests per session")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--kill-every", type=positive_float, default=4.0, help="seconds")
-    parser.add_argument("--max-seconds", type=positive_float, default=240.0, help="per phase")
+    parser.add_argument("--turns", type=int, default=4, help="requests per conversation")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--duration", type=positive_float, default=60.0, help="s per phase")
+    parser.add_argument("--kill-every", type=positive_float, default=5.0, help="seconds")
     parser.add_argument("--request-timeout", type=positive_float, default=180.0)
     parser.add_argument("--unseeded-share", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     try:
         clean, _ = asyncio.run(_phase(cluster, "no_faults", args))
-        reference = {(r.session, r.turn): r.token_ids for r in clean if r.seeded}
+        reference = {_key(r): r.token_ids for r in clean if r.seeded}
         faulty, kills = asyncio.run(_phase(cluster, "faults", args))
     finally:
         cluster.shutdown()

@@ -59,7 +59,7 @@ class BenchPeer(RayDirectKVEndpoint):
 
     def fetch(self, backend: str, handle: KVHandle) -> float:
         start = time.perf_counter()
-        touch(self.transfers[backend].fetch(handle))
+        touch(self.transfers[backend].fetch(handle).kv)
         return time.perf_counter() - start
 
     def release(self, backend: str, handle: KVHandle) -> None:

@@ -87,13 +87,15 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Run every prompt concurrently (continuous batching); outputs in the prompts' order."""
+        """Run every prompt concurrently (continuous batching); outputs in the prompts' order.
+
+        Every prompt is checked before any is queued: a bad one raises and leaves nothing in
+        the engine. A request that fails while running ends with ``finish_reason "error"``
+        and its ``error``; the others are unaffected.
+        """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        ids = [
-            self.engine.add_request(prompt, params)
-            for prompt, params in zip(prompt_list, params_list, strict=True)
-        ]
+        ids = self.engine.add_requests(prompt_list, params_list)
         progress = None
         if use_tqdm:
             from tqdm import tqdm

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,23 @@ def check_bool(field_name: str, value: Any) -> None:
 
 def check_choice(field_name: str, value: Any, choices: Collection[Any]) -> None:
     require(value in choices, field_name, f"one of {sorted(choices)}", value)
+
+
+def check_token_ids(field_name: str, token_ids: Sequence[Any], vocab_size: int) -> None:
+    """Integer (not bool) token ids in ``[0, vocab_size)``; the message names the first bad one."""
+    for index, token in enumerate(token_ids):
+        if is_int(token) and 0 <= token < vocab_size:
+            continue
+        if isinstance(token, bool):
+            why = "a boolean, not a token id"
+        elif not is_int(token):
+            why = "not an integer"
+        else:
+            why = "outside the vocabulary"
+        raise ValueError(
+            f"{field_name}: expected integer token ids in [0, {vocab_size}), got {token!r} at "
+            f"index {index} ({why})"
+        )
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:

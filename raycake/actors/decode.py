@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from raycake.actors.instance import EngineInstance
 from raycake.actors.messages import DecodeWork
 from raycake.engine.request_output import StreamDelta
+from raycake.transfer.wire import UnpackedKV
 
 # How long an arrived request that can fit waits for KV blocks to free up before it fails.
 ADMISSION_TIMEOUT_S = 60.0
@@ -23,10 +24,16 @@ class DecodeInstance(EngineInstance):
     async def generate(self, work: DecodeWork) -> AsyncIterator[StreamDelta]:
         """Fetch the prompt's KV, join the running batch, stream deltas until finished."""
         with self.telemetry.span("transfer", work.trace_context, instance=self.instance_id):
-            kv = await asyncio.to_thread(self.transfer.fetch, work.kv_handle)
+            fetched = await asyncio.to_thread(self.transfer.fetch, work.kv_handle)
+        # The blocks are registered in this instance's prefix cache under the prompt's hashes:
+        # they must be the hashes the prefill instance sent (checked before any waiting).
+        block_hashes = list(work.kv_handle.kv_header().block_hashes)
+        await self.loop.call(
+            self.engine.check_prompt_block_hashes, work.prompt_token_ids, block_hashes
+        )
         queue = self.loop.subscribe(work.request_id)
         try:
-            await self._admit(work, kv)
+            await self._admit(work, fetched, block_hashes)
             with self.telemetry.span("decode", work.trace_context, instance=self.instance_id):
                 while True:
                     delta = await queue.get()
@@ -40,7 +47,9 @@ class DecodeInstance(EngineInstance):
             # request must not stay in the engine holding blocks.
             await asyncio.shield(self.loop.unsubscribe(work.request_id))
 
-    async def _admit(self, work: DecodeWork, kv) -> None:
+    async def _admit(
+        self, work: DecodeWork, fetched: UnpackedKV, block_hashes: list[bytes]
+    ) -> None:
         """Add the request once its blocks fit; the conductor reserved them, so waits are short.
         A request that can never fit (beyond max_model_len or the whole pool) raises at once."""
         deadline = asyncio.get_running_loop().time() + ADMISSION_TIMEOUT_S
@@ -50,7 +59,9 @@ class DecodeInstance(EngineInstance):
             work.prompt_token_ids,
             work.first_token_id,
             work.sampling_params,
-            kv,
+            fetched.kv,
+            features=fetched.features,
+            block_hashes=block_hashes,
         ):
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(

@@ -10,6 +10,7 @@ from raycake.actors.messages import InstanceLoad, instance_load
 from raycake.cluster.config import TelemetryConfig
 from raycake.engine.config import EngineConfig
 from raycake.engine.llm_engine import LLMEngine
+from raycake.engine.spec.tree import SpecDecodeStats
 from raycake.policies.step_cost_model import StepCostModel
 from raycake.telemetry import InstanceMetrics, Telemetry
 from raycake.transfer import make_kv_transfer
@@ -64,6 +65,10 @@ class EngineInstance(RayDirectKVEndpoint):
 
     async def num_unfinished(self) -> int:
         return await self.loop.call(lambda: len(self.engine.unfinished_request_ids()))
+
+    async def spec_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding totals since start (None without speculation)."""
+        return await self.loop.call(self.engine.spec_stats)
 
     async def cached_block_hashes(self) -> list[bytes]:
         """The prompt blocks this instance's prefix cache holds (a restarted conductor's index)."""

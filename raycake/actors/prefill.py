@@ -7,6 +7,7 @@ whose requests stop after the first token and keep their KV until it has been ex
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import replace
 from typing import Any
@@ -77,8 +78,16 @@ class PrefillInstance(EngineInstance):
             if output.finish_reason == "error":
                 return self._failed(work, output.error or "prefill failed", started)
             finish = _finish_reason(work, output.finish_reason)
+            # The EAGLE target features travel with the KV, so the decode instance's head drafts
+            # from the prompt's real features (None without speculation).
             header, payload = await asyncio.to_thread(
-                pack_kv, exported.kv, exported.block_hashes, exported.num_tokens
+                functools.partial(
+                    pack_kv,
+                    exported.kv,
+                    exported.block_hashes,
+                    exported.num_tokens,
+                    features=exported.features,
+                )
             )
             handle = None
             if not finish:

@@ -41,6 +41,32 @@ def block_hashes_for(token_ids: Sequence[int], block_size: int) -> list[bytes]:
     return hashes
 
 
+def check_block_hashes(
+    token_ids: Sequence[int], block_hashes: Sequence[bytes], block_size: int
+) -> None:
+    """Raise ``ValueError`` naming ``block_hashes`` unless they are exactly the chained hashes
+    of ``token_ids``' full blocks: KV registered under wrong hashes would serve later prompts
+    another prompt's cache."""
+    expected = block_hashes_for(token_ids, block_size)
+    got = list(block_hashes)
+    if got == expected:
+        return
+    if len(got) != len(expected):
+        raise ValueError(
+            f"block_hashes: expected {len(expected)} hashes (the full blocks of {len(token_ids)} "
+            f"tokens in blocks of {block_size}), got {len(got)}"
+        )
+    first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+    raise ValueError(
+        f"block_hashes: expected the prompt's chained block hashes, got a different hash at "
+        f"block {first} ({_show_hash(got[first])} != {expected[first].hex()})"
+    )
+
+
+def _show_hash(value: object) -> str:
+    return value.hex() if isinstance(value, (bytes, bytearray)) else repr(value)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

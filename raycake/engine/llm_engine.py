@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 
 from raycake.assets import resolve_draft_model
 from raycake.engine.config import EngineConfig
-from raycake.engine.kv_cache import block_hashes_for
+from raycake.engine.kv_cache import block_hashes_for, check_block_hashes
 from raycake.engine.request import Request, RequestStatus
 from raycake.engine.request_output import (
     CompletionOutput,
@@ -34,11 +36,14 @@ from raycake.engine.spec.config import SpeculativeConfig
 from raycake.engine.spec.controller import SpeculationController
 from raycake.engine.spec.runner import SpecDecodeRunner
 from raycake.engine.spec.tree import SpecDecodeStats
-from raycake.engine.step_contract import SchedulerStats
+from raycake.engine.step_contract import RequestUpdate, SchedulerOutput, SchedulerStats
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from raycake.validation import check_token_ids, require
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class ExportedKV:
     kv: torch.Tensor  # [layers, 2, blocks, P, K, Dh]; the last block may be partly filled
     block_hashes: list[bytes]  # chained hashes of the full blocks (a prefix of ``kv``'s blocks)
     num_tokens: int  # prompt tokens whose KV is in ``kv``
+    # [num_tokens, hidden]: the target's features at each prompt position, which the EAGLE
+    # head drafts from; None without speculation. ``add_prefilled_request(features=...)``.
+    features: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,9 @@ class StepRecord:
 
     @property
     def is_decode_only(self) -> bool:
-        return self.num_tokens == self.num_requests
+        """No prompt chunk in the step: one token per request, plus verified draft tokens (a
+        speculating instance's decode steps all verify drafts)."""
+        return self.num_tokens - self.num_draft_tokens == self.num_requests
 
 
 @dataclass
@@ -164,36 +174,99 @@ class LLMEngine:
         """Queue a prompt (text, or token ids); returns its request id.
 
         ``hold_kv``: keep the request's KV blocks after it finishes, for ``export_kv``, until
-        ``release_kv`` (a prefill instance hands them to a decode instance).
+        ``release_kv`` (a prefill instance hands them to a decode instance). Every check runs
+        before anything is queued: a bad request raises ``ValueError`` (``RequestRejected``
+        when it could never fit) naming the field, or ``TypeError`` for a wrong type.
         """
-        params = sampling_params or SamplingParams()
+        return self.add_requests([prompt], [sampling_params], [request_id], hold_kv=hold_kv)[0]
+
+    def add_requests(
+        self,
+        prompts: Sequence[str | list[int]],
+        sampling_params: Sequence[SamplingParams | None],
+        request_ids: Sequence[str | None] | None = None,
+        *,
+        hold_kv: bool = False,
+    ) -> list[str]:
+        """Queue several prompts, all or none: every one is checked before any is queued, so a
+        bad one leaves nothing behind. Returns their request ids, in order."""
+        if request_ids is None:
+            request_ids = [None] * len(prompts)
+        if not len(prompts) == len(sampling_params) == len(request_ids):
+            raise ValueError(
+                f"sampling_params: got {len(sampling_params)} and request_ids "
+                f"{len(request_ids)} for {len(prompts)} prompts"
+            )
+        prepared: list[tuple[Request, str | None]] = []
+        ids: set[str] = set()
+        for prompt, params, request_id in zip(prompts, sampling_params, request_ids, strict=True):
+            request, text = self._prepare_request(prompt, params, request_id)
+            if request.request_id in ids:
+                raise ValueError(f"request_id: {request.request_id!r} appears twice")
+            ids.add(request.request_id)
+            request.hold_kv_on_finish = hold_kv
+            prepared.append((request, text))
+        for request, text in prepared:
+            self.scheduler.add_request(request)  # checked above: cannot raise RequestRejected
+            self._track(request, text)
+        return [request.request_id for request, _ in prepared]
+
+    def _prepare_request(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None,
+        request_id: str | None,
+    ) -> tuple[Request, str | None]:
+        """A checked ``Request`` (not queued) and its prompt text (None for token ids)."""
+        params = SamplingParams() if sampling_params is None else sampling_params
+        self._check_params(params)
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list):
+            text, token_ids = None, list(prompt)
+        else:
+            raise TypeError(
+                f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not token_ids:
+            raise ValueError("prompt: expected at least one token, got a prompt of none")
+        check_token_ids("prompt", token_ids, self.model_config.vocab_size)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        self._check_request_id(request_id)
+        # Pure: raises RequestRejected for a request that could never fit, queues nothing.
+        self.scheduler.check_admissible(request_id, len(token_ids), params.max_tokens)
+        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        return request, text
+
+    def _check_params(self, params: object) -> None:
+        """The checks of ``SamplingParams`` that need the model: ids against the vocabulary."""
         if not isinstance(params, SamplingParams):
             raise TypeError(
                 f"sampling_params: expected SamplingParams, got {type(params).__name__}"
             )
-        if isinstance(prompt, str):
-            text: str | None = prompt
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            text, token_ids = None, list(prompt)
-        else:
-            raise TypeError("prompt: expected a string or a list of token ids")
-        if not token_ids:
-            raise ValueError("prompt: encodes to no tokens")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        require(
+            params.top_k <= vocab,
+            "top_k",
+            f"an integer in [0, {vocab}] (0 disables; {vocab} is the vocabulary size)",
+            params.top_k,
+        )
+        check_token_ids("stop_token_ids", params.stop_token_ids, vocab)
+
+    def _check_request_id(self, request_id: object) -> None:
+        require(
+            isinstance(request_id, str) and request_id != "",
+            "request_id",
+            "a non-empty string",
+            request_id,
+        )
         if request_id in self._tracked:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
-        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
-        request.hold_kv_on_finish = hold_kv
-        self.scheduler.add_request(
-            request
-        )  # raises RequestRejected for a prompt that can never fit
-        self._track(request, text)
-        return request_id
+        if request_id in self.scheduler.held:
+            # Its blocks are still held for export under this id.
+            raise ValueError(f"request_id: {request_id!r} still holds KV (call release_kv)")
 
     def _track(self, request: Request, prompt: str | None) -> _TrackedRequest:
         params = request.sampling_params
@@ -222,26 +295,39 @@ class LLMEngine:
         targets = self.scheduler.kv_cache.import_cached_blocks(block_hashes)
         fill = [(i, b) for i, b in enumerate(targets) if b is not None]
         if fill:
-            index = torch.tensor([i for i, _ in fill])
+            index = torch.tensor([i for i, _ in fill], device=kv.device)
             self.runner.write_blocks([b for _, b in fill], kv.index_select(2, index))
         return len(fill)
 
     def export_kv(self, request_id: str) -> ExportedKV:
-        """The KV of a finished ``hold_kv`` request's prompt, with its full blocks' hashes."""
+        """The KV of a finished ``hold_kv`` request's prompt, with its full blocks' hashes and,
+        with speculation on, the target features the EAGLE head drafts from."""
         request = self.scheduler.held.get(request_id)
         if request is None:
             raise KeyError(f"request {request_id!r}: no held KV (not finished, or not hold_kv)")
         num_tokens = request.num_prompt_tokens
         block_size = self.config.cache.block_size
         block_ids = self.scheduler.kv_cache.block_ids(request_id)[: -(-num_tokens // block_size)]
+        features = None
+        if isinstance(self.runner, SpecDecodeRunner):
+            features = self.runner.read_features(block_ids, num_tokens)
         return ExportedKV(
             kv=self.runner.read_blocks(block_ids),
             block_hashes=block_hashes_for(request.prompt_token_ids, block_size),
             num_tokens=num_tokens,
+            features=features,
         )
 
     def release_kv(self, request_id: str) -> None:
         self.scheduler.release_held_kv(request_id)
+
+    def check_prompt_block_hashes(
+        self, prompt_token_ids: list[int], block_hashes: Sequence[bytes]
+    ) -> None:
+        """Raise ``ValueError`` naming ``block_hashes`` unless they are this engine's chained
+        hashes of the prompt's full blocks (a decode instance checks a KV header's hashes
+        against the prompt it was sent before registering the blocks under its own)."""
+        check_block_hashes(prompt_token_ids, block_hashes, self.config.cache.block_size)
 
     def add_prefilled_request(
         self,
@@ -250,13 +336,35 @@ class LLMEngine:
         first_token_id: int,
         sampling_params: SamplingParams,
         kv: torch.Tensor,
+        *,
+        features: torch.Tensor | None = None,
+        block_hashes: Sequence[bytes] | None = None,
     ) -> bool:
         """Continue decoding a request prefilled elsewhere; ``kv`` holds its prompt's blocks.
 
-        Returns False (nothing changed) when there is no room yet: the caller retries later.
+        ``features`` ([prompt tokens, hidden], ``ExportedKV.features``): the target features of
+        the prompt, which the EAGLE head drafts from (ignored without speculation). Without
+        them the head drafts from whatever those slots held: still lossless, but fewer drafts
+        are accepted. ``block_hashes``: the hashes that came with the KV (its wire header),
+        checked against the prompt's.
+
+        Every check runs before any work: a bad argument raises ``ValueError`` naming it
+        (``RequestRejected`` when the request could never fit). Returns False (nothing
+        changed) when there is no room yet: the caller retries later.
         """
-        if request_id in self._tracked:
-            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        self._check_request_id(request_id)
+        self._check_params(sampling_params)
+        if not isinstance(prompt_token_ids, list) or not prompt_token_ids:
+            raise ValueError(
+                f"prompt_token_ids: expected a non-empty list of token ids, got "
+                f"{prompt_token_ids!r:.60}"
+            )
+        vocab = self.model_config.vocab_size
+        check_token_ids("prompt_token_ids", prompt_token_ids, vocab)
+        check_token_ids("first_token_id", [first_token_id], vocab)
+        self.scheduler.check_admissible(
+            request_id, len(prompt_token_ids), sampling_params.max_tokens
+        )
         mc = self.model_config
         block_size = self.config.cache.block_size
         expected = (
@@ -267,14 +375,36 @@ class LLMEngine:
             mc.num_key_value_heads,
             mc.head_dim,
         )
+        if not isinstance(kv, torch.Tensor) or not kv.is_floating_point():
+            raise ValueError(f"kv: expected a floating-point tensor, got {_describe(kv)}")
         if tuple(kv.shape) != expected:
             raise ValueError(f"kv: expected shape {expected}, got {tuple(kv.shape)}")
+        if features is not None:
+            expected_features = (len(prompt_token_ids), mc.hidden_size)
+            if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+                raise ValueError(
+                    f"features: expected a floating-point tensor, got {_describe(features)}"
+                )
+            if tuple(features.shape) != expected_features:
+                raise ValueError(
+                    f"features: expected shape {expected_features} (prompt tokens, hidden "
+                    f"size), got {tuple(features.shape)}"
+                )
+        if block_hashes is not None:
+            self.check_prompt_block_hashes(prompt_token_ids, block_hashes)
         request = Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids)
         request.append_output_token(first_token_id)
         blocks = self.scheduler.add_prefilled_request(request)
         if blocks is None:
             return False
-        self.runner.write_blocks(blocks, kv)
+        try:
+            self.runner.write_blocks(blocks, kv)
+            if features is not None and isinstance(self.runner, SpecDecodeRunner):
+                self.runner.write_features(blocks, features)
+        except Exception:
+            # Nothing of a request whose KV did not arrive may stay admitted.
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+            raise
         tracked = self._track(request, None)
         tracked.token_ids.append(first_token_id)
         tracked.detokenizer.add_tokens([first_token_id])
@@ -293,16 +423,25 @@ class LLMEngine:
         return request_id in self._tracked
 
     def step(self) -> list[StreamDelta]:
-        """Run one step; return what each affected request produced."""
+        """Run one step; return what each affected request produced.
+
+        A request that fails in the step (its sample or verification raises, or its output
+        cannot be processed) finishes with "error" and its message; the others go on. When the
+        step fails as a whole (the model's forward raised), every request it scheduled fails
+        that way, its blocks freed; the engine keeps serving new requests.
+        """
         started = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         context = scheduler_output.total_num_scheduled_tokens + sum(
             self.scheduler.requests[rid].num_computed_tokens
             for rid in scheduler_output.num_scheduled_tokens
         )
-        runner_output = self.runner.execute(scheduler_output)
-        if self._moe_stats and not scheduler_output.is_empty:  # the model ran this step
-            self._record_moe_load()
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+            if self._moe_stats and not scheduler_output.is_empty:  # the model ran this step
+                self._record_moe_load()
+        except Exception as exc:
+            return self._fail_step(scheduler_output, exc)
         self.last_step = StepRecord(
             num_tokens=scheduler_output.total_num_scheduled_tokens,
             num_requests=len(scheduler_output.num_scheduled_tokens),
@@ -314,36 +453,67 @@ class LLMEngine:
         now = time.monotonic()
         deltas = []
         for update in updates:
-            tracked = self._tracked.get(update.request_id)
+            rid = update.request_id
+            tracked = self._tracked.get(rid)
             if tracked is None:
                 continue
-            tracked.num_cached_tokens = update.num_cached_tokens
-            finish_reason = update.finish_reason
-            if update.new_token_ids:
-                if tracked.metrics.first_token_time is None:
-                    tracked.metrics.first_token_time = now
-                tracked.metrics.token_times.extend([now] * len(update.new_token_ids))
-                tracked.token_ids.extend(update.new_token_ids)
-                tracked.detokenizer.add_tokens(update.new_token_ids)
+            try:
+                delta = self._apply_update(update, tracked, now)
+            except Exception as exc:  # e.g. detokenizing: this request's fault alone
+                error = f"output processing: {type(exc).__name__}: {exc}"
+                self.scheduler.fail_requests([rid], error)
+                delta = StreamDelta(rid, "", list(update.new_token_ids), True, "error", error)
+            deltas.append(delta)
+            if delta.finish_reason is not None:
+                self._finish(rid, delta.finish_reason, now, delta.error)
+        return deltas
+
+    def _apply_update(
+        self, update: RequestUpdate, tracked: _TrackedRequest, now: float
+    ) -> StreamDelta:
+        """Add a request's new tokens to its output (text, stop strings, timing)."""
+        tracked.num_cached_tokens = update.num_cached_tokens
+        finish_reason = update.finish_reason
+        if update.new_token_ids:
+            if tracked.metrics.first_token_time is None:
+                tracked.metrics.first_token_time = now
+            tracked.metrics.token_times.extend([now] * len(update.new_token_ids))
+            tracked.token_ids.extend(update.new_token_ids)
+            tracked.detokenizer.add_tokens(update.new_token_ids)
+            tracked.text = tracked.detokenizer.output_text
+            truncated = None
+            if tracked.stop_matcher is not None and finish_reason is None:
+                truncated = tracked.stop_matcher.find(tracked.text)
+            if truncated is not None:
+                tracked.text = truncated
+                finish_reason = "stop"
+                self.scheduler.finish_requests([update.request_id], RequestStatus.FINISHED_STOPPED)
+            elif finish_reason is not None:
+                # The stream ends: release text held back for an incomplete character.
+                tracked.detokenizer.flush()
                 tracked.text = tracked.detokenizer.output_text
-                truncated = None
-                if tracked.stop_matcher is not None and finish_reason is None:
-                    truncated = tracked.stop_matcher.find(tracked.text)
-                if truncated is not None:
-                    tracked.text = truncated
-                    finish_reason = "stop"
-                    self.scheduler.finish_requests(
-                        [update.request_id], RequestStatus.FINISHED_STOPPED
-                    )
-                elif finish_reason is not None:
-                    # The stream ends: release text held back for an incomplete character.
-                    tracked.detokenizer.flush()
-                    tracked.text = tracked.detokenizer.output_text
-            deltas.append(
-                self._delta(update.request_id, tracked, update.new_token_ids, finish_reason)
-            )
-            if finish_reason is not None:
-                self._finish(update.request_id, finish_reason, now)
+        return self._delta(
+            update.request_id, tracked, update.new_token_ids, finish_reason, update.error
+        )
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[StreamDelta]:
+        """A step that raised as a whole: fail every request it scheduled or sent to the
+        runner (their runner state may be half-applied), and drop runner state the step may
+        not have dropped. Scheduler and runner are consistent again afterwards."""
+        error = f"step failed: {type(exc).__name__}: {exc}"
+        ids = dict.fromkeys([*out.num_scheduled_tokens, *(r.request_id for r in out.new_requests)])
+        logger.warning("%s; failing requests %s", error, list(ids), exc_info=exc)
+        failed = self.scheduler.fail_requests(ids, error)
+        self.runner.forget(out.finished_request_ids | out.preempted_request_ids | set(failed))
+        self.last_step = None  # no step ran: nothing for a cost model to learn from
+        now = time.monotonic()
+        deltas = []
+        for rid in failed:
+            tracked = self._tracked.get(rid)
+            if tracked is None:
+                continue
+            deltas.append(self._delta(rid, tracked, [], "error", error))
+            self._finish(rid, "error", now, error)
         return deltas
 
     def _delta(
@@ -352,6 +522,7 @@ class LLMEngine:
         tracked: _TrackedRequest,
         new_ids: list[int],
         finish_reason: str | None,
+        error: str | None = None,
     ) -> StreamDelta:
         # While running, hold back text that could still turn out to begin a stop string.
         visible = len(tracked.text)
@@ -361,10 +532,12 @@ class LLMEngine:
         text = tracked.text[tracked.streamed_chars : visible]
         tracked.streamed_chars = visible
         return StreamDelta(
-            request_id, text, list(new_ids), finish_reason is not None, finish_reason
+            request_id, text, list(new_ids), finish_reason is not None, finish_reason, error
         )
 
-    def _finish(self, request_id: str, finish_reason: str, now: float) -> None:
+    def _finish(
+        self, request_id: str, finish_reason: str, now: float, error: str | None = None
+    ) -> None:
         tracked = self._tracked.pop(request_id)
         tracked.finish_reason = finish_reason
         tracked.metrics.finished_time = now
@@ -384,6 +557,7 @@ class LLMEngine:
             finished=True,
             num_cached_tokens=tracked.num_cached_tokens,
             metrics=tracked.metrics,
+            error=error,
         )
 
     def pop_finished(self, request_id: str) -> RequestOutput:
@@ -469,3 +643,9 @@ def moe_load_since(
             )
         window[layer] = dataclasses.replace(now, **counts)
     return window
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -15,6 +15,8 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # The request failed inside a step (a poisoned sample, a failed forward); the engine goes on.
+    FINISHED_ERROR = "error"
 
     @property
     def is_finished(self) -> bool:
@@ -22,11 +24,13 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
     @property
     def finish_reason(self) -> str | None:
-        """``"stop"``, ``"length"`` or ``"abort"`` once finished, as in vLLM and OpenAI."""
+        """``"stop"``, ``"length"``, ``"abort"`` (as in vLLM and OpenAI) or ``"error"`` once
+        finished."""
         return self.value if self.is_finished else None
 
 
@@ -61,6 +65,8 @@ class Request:
         self.block_hashes: list[bytes] = []
         # A prefill instance keeps a finished request's blocks until its KV has been exported.
         self.hold_kv_on_finish = False
+        # Why the request failed, once its status is FINISHED_ERROR.
+        self.error: str | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -58,7 +58,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort"; None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error"; None while running
 
 
 @dataclass
@@ -72,6 +72,8 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     metrics: RequestMetrics
+    # Why the request failed when ``finish_reason == "error"``; None otherwise.
+    error: str | None = None
 
     @property
     def text(self) -> str:
@@ -95,3 +97,5 @@ class StreamDelta:
     token_ids: list[int]
     finished: bool
     finish_reason: str | None
+    # Why the request failed when ``finish_reason == "error"``; None otherwise.
+    error: str | None = None

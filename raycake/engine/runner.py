@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from raycake.engine.config import CacheConfig
-from raycake.engine.sampler import sample
+from raycake.engine.sampler import SampleError, sample_rows
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
 from raycake.model.attention import AttentionMetadata, QuerySpan
@@ -72,9 +72,10 @@ def num_blocks_for(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) 
 
 
 def _additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where attention is allowed, -inf where ``blocked``: CPU SDPA runs faster on a float
-    mask than on a boolean one."""
-    return torch.zeros(blocked.shape, dtype=dtype).masked_fill_(blocked, float("-inf"))
+    """0 where attention is allowed, -inf where ``blocked`` (on ``blocked``'s device): CPU SDPA
+    runs faster on a float mask than on a boolean one."""
+    zeros = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+    return zeros.masked_fill_(blocked, float("-inf"))
 
 
 def reseed(state: RunnerRequestState) -> None:
@@ -119,7 +120,8 @@ class ModelRunner:
     def _generator(self, params: SamplingParams) -> torch.Generator:
         seed = params.seed
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source).item())
+            source = self._seed_source
+            seed = int(torch.randint(0, 2**62, (1,), generator=source, device=source.device))
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _apply_deltas(self, out: SchedulerOutput) -> None:
@@ -157,6 +159,9 @@ class ModelRunner:
                 chunks.append((rid, state, n))
 
         # Built as Python lists and turned into one tensor each: many tiny tensors cost more.
+        # NOTE: every tensor is built on the model's device: a mask or index left on the CPU
+        # would fail (or copy every step) once the model runs on an accelerator.
+        device = self.device
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -176,9 +181,10 @@ class ModelRunner:
                 sample_ids.append(rid)
                 row = s.block_ids[:max_blocks]
                 rows.append(row + [0] * (max_blocks - len(row)))
-            decode_tables = torch.tensor(rows, dtype=torch.long)  # [D, M]
-            context = torch.arange(max_blocks * bs)
-            padded = context[None, :] >= torch.tensor(lengths)[:, None]  # [D, M * P]
+            decode_tables = torch.tensor(rows, dtype=torch.long, device=device)  # [D, M]
+            context = torch.arange(max_blocks * bs, device=device)
+            ends = torch.tensor(lengths, device=device)
+            padded = context[None, :] >= ends[:, None]  # [D, M * P]
             decode_mask = _additive_mask(padded, self.dtype)[:, None, None, :]  # [D, 1, 1, M * P]
 
         spans: list[QuerySpan] = []
@@ -192,21 +198,18 @@ class ModelRunner:
             start_slot = s.num_computed_tokens
             slots.extend(table[i // bs] * bs + i % bs for i in range(start_slot, start_slot + n))
             end_slot = start_slot + n  # the span's context: slots 0..end_slot-1
-            block_ids = torch.tensor(table[: -(-end_slot // bs)], dtype=torch.long)
-            spans.append(
-                QuerySpan(first, first + n, block_ids.to(self.device), end_slot, chunk.mask)
-            )
+            block_ids = torch.tensor(table[: -(-end_slot // bs)], dtype=torch.long, device=device)
+            spans.append(QuerySpan(first, first + n, block_ids, end_slot, chunk.mask))
             if chunk.samples:
                 sample_indices.append(first + n - 1)
                 sample_ids.append(rid)
 
-        device = self.device
         meta = AttentionMetadata(
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(decodes),
-            decode_block_tables=None if decode_tables is None else decode_tables.to(device),
-            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            decode_block_tables=decode_tables,
+            decode_mask=decode_mask,
             spans=spans,
         )
         return StepInputs(
@@ -224,8 +227,9 @@ class ModelRunner:
         end_pos = start_pos + n
         mask = None
         if start_pos > 0:
-            q_pos = torch.arange(start_pos, end_pos)[:, None]
-            mask = _additive_mask(torch.arange(end_pos)[None, :] > q_pos, self.dtype)  # [n, C]
+            q_pos = torch.arange(start_pos, end_pos, device=self.device)[:, None]
+            cols = torch.arange(end_pos, device=self.device)[None, :]
+            mask = _additive_mask(cols > q_pos, self.dtype)  # [n, C]
         return ChunkInputs(
             token_ids=state.token_ids[start_pos:end_pos],
             positions=list(range(start_pos, end_pos)),
@@ -275,17 +279,35 @@ class ModelRunner:
             self._apply_deltas(out)
             return RunnerOutput(sampled_token_ids={})
         inputs, hidden = self.run_model(out)
-        return RunnerOutput(sampled_token_ids=self._sample(inputs, hidden))
+        sampled, errors = self._sample(inputs, hidden)
+        return RunnerOutput(sampled_token_ids=sampled, errors=errors)
 
-    def _sample(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, list[int]]:
-        """Sample one token for each request whose span reached its end; append it."""
+    def forget(self, request_ids: set[str]) -> None:
+        """Drop the state of requests the scheduler no longer runs. The engine calls it after a
+        step that raised, which may have stopped before ``_apply_deltas`` dropped them."""
+        for rid in request_ids:
+            self.requests.pop(rid, None)
+
+    def _sample(
+        self, inputs: StepInputs, hidden: torch.Tensor
+    ) -> tuple[dict[str, list[int]], dict[str, str]]:
+        """Sample one token for each request whose span reached its end and append it; a
+        request whose row fails gets an error instead (and no token)."""
         if not inputs.sample_request_ids:
-            return {}
+            return {}, {}
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [N, V]
         states = [self.requests[rid] for rid in inputs.sample_request_ids]
         for state in states:
             reseed(state)
-        tokens = sample(logits, [s.sampling_params for s in states], [s.generator for s in states])
-        for state, token in zip(states, tokens, strict=True):
-            state.token_ids.append(token)
-        return {rid: [t] for rid, t in zip(inputs.sample_request_ids, tokens, strict=True)}
+        tokens = sample_rows(
+            logits, [s.sampling_params for s in states], [s.generator for s in states]
+        )
+        sampled: dict[str, list[int]] = {}
+        errors: dict[str, str] = {}
+        for rid, state, token in zip(inputs.sample_request_ids, states, tokens, strict=True):
+            if isinstance(token, SampleError):
+                errors[rid] = token.message
+            else:
+                state.token_ids.append(token)
+                sampled[rid] = [token]
+        return sampled, errors

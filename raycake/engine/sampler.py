@@ -5,6 +5,8 @@ Legend: N rows (requests sampling this step), V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from raycake.engine.sampling_params import SamplingParams
@@ -30,13 +32,54 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator],
 ) -> list[int]:
-    """Pick one token per row of ``logits`` [N, V] (fp32) under that row's parameters."""
-    greedy = logits.argmax(dim=-1).tolist()  # [N]; cheap, and the answer for greedy rows
-    tokens = list(greedy)
+    """Pick one token per row of ``logits`` [N, V] (fp32) under that row's parameters; raise
+    the first row's error if any row fails (``sample_rows`` keeps the rows apart)."""
+    tokens = sample_rows(logits, params, generators)
+    for token in tokens:
+        if isinstance(token, SampleError):
+            raise RuntimeError(token.message)
+    return tokens  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """Why one row could not be sampled (its request fails; the other rows are unaffected)."""
+
+    message: str
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+) -> list[int | SampleError]:
+    """One token per row of ``logits`` [N, V], or a ``SampleError`` for a row that failed: a
+    NaN in its logits (a poisoned forward) or an exception while drawing it.
+
+    NOTE: the NaN check is one reduction over [N, V], read back in the greedy argmax's one
+    device sync. A NaN row would otherwise sample garbage silently (argmax picks the NaN) or
+    raise in multinomial.
+    """
+    # [2, N]: the greedy answer of each row (cheap, and all a greedy row needs), and its NaN flag.
+    greedy, has_nan = torch.stack(
+        (logits.argmax(dim=-1), logits.isnan().any(dim=-1).long())
+    ).tolist()
+    tokens: list[int | SampleError] = list(greedy)
     for i, p in enumerate(params):
+        if has_nan[i]:
+            tokens[i] = SampleError("sampling: the model's logits contain NaN")
+            continue
         if p.is_greedy:
             continue
-        row = apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)  # [V]
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        try:
+            tokens[i] = sample_row(logits[i], p, generators[i])
+        except Exception as exc:  # this row's request fails; the batch goes on
+            tokens[i] = SampleError(f"sampling: {type(exc).__name__}: {exc}")
     return tokens
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Draw one token from a row of logits [V] under non-greedy ``params``."""
+    row = apply_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = row.softmax(-1)  # [V]
+    return int(torch.multinomial(probs, 1, generator=generator).item())

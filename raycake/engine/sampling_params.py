@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raycake.validation import check_bool, check_int, check_number, is_int, require
+
+# torch.Generator.manual_seed's range: a seed outside it would pass here and fail mid-step.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's tokens are chosen and when it stops.
+
+    Checked on construction (each bad field raises ``ValueError`` naming it); the checks that
+    need the model (``top_k`` and ``stop_token_ids`` against the vocabulary, ``max_tokens``
+    against ``max_model_len``) run in ``LLMEngine.add_request``.
 
     ``temperature == 0`` is greedy. ``top_k`` of 0 and ``top_p`` of 1.0 disable those filters.
     A request with a ``seed`` draws from its own generator: same seed, same output, whatever
@@ -29,16 +39,28 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int)
         )
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k: expected an integer >= 0 (0 disables), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed: expected an integer or None, got {self.seed!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
+        # NaN, infinities and booleans are rejected here: they would pass a plain comparison
+        # and fail (or silently misbehave) inside an engine step.
+        check_number("temperature", self.temperature, low=0)
+        require(
+            is_int(self.top_k) and self.top_k >= 0,
+            "top_k",
+            "an integer >= 0 (0 disables)",
+            self.top_k,
+        )
+        check_number("top_p", self.top_p, low=0, high=1, low_exclusive=True)
+        if self.seed is not None:
+            require(
+                is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX,
+                "seed",
+                "None or an integer in [-2**63, 2**64 - 1] (what torch.Generator.manual_seed "
+                "accepts)",
+                self.seed,
+            )
+        check_int("max_tokens", self.max_tokens, low=1)
+        check_bool("ignore_eos", self.ignore_eos)
+        for token_id in self.stop_token_ids:
+            require(token_id >= 0, "stop_token_ids", "token ids >= 0", token_id)
         if any(s == "" for s in self.stop):
             raise ValueError("stop: expected non-empty strings, got an empty string")
 

@@ -31,6 +31,10 @@ from raycake.policies.eviction import make_eviction_policy
 DraftBudget = Callable[[list[str]], dict[str, int]]
 
 
+# Finished requests whose blocks are freed even when they asked to hold their KV for export.
+_NOT_HELD = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+
+
 class RequestRejected(ValueError):
     """A request that could never run, whatever else is running."""
 
@@ -77,26 +81,32 @@ class Scheduler:
         rid = request.request_id
         if rid in self.requests:
             raise ValueError(f"request {rid!r}: a request with this id is already in flight")
-        num_prompt = request.num_prompt_tokens
-        max_tokens = request.sampling_params.max_tokens
-        if num_prompt + max_tokens > self.max_model_len:
-            raise RequestRejected(
-                f"request {rid!r}: prompt of {num_prompt} tokens + max_tokens {max_tokens} = "
-                f"{num_prompt + max_tokens} tokens exceeds max_model_len {self.max_model_len}"
-            )
-        # The last sampled token is never fed back, so its KV never needs a slot.
-        num_kv_tokens = num_prompt + max_tokens - 1
-        num_blocks_needed = -(-num_kv_tokens // self.block_size)
-        if num_blocks_needed > self.num_blocks:
-            raise RequestRejected(
-                f"request {rid!r}: prompt of {num_prompt} tokens + max_tokens {max_tokens} needs "
-                f"{num_blocks_needed} KV blocks of {self.block_size} tokens, but the cache has "
-                f"only {self.num_blocks}"
-            )
+        self.check_admissible(rid, request.num_prompt_tokens, request.sampling_params.max_tokens)
         request.status = RequestStatus.WAITING
         self.requests[rid] = request
         self._add_order[rid] = next(self._next_order)
         self.waiting.append(request)
+
+    def check_admissible(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ``RequestRejected`` for a request that could never run, whatever else runs:
+        prompt + ``max_tokens`` beyond ``max_model_len`` or beyond the whole block pool. Pure:
+        callers check every request of a batch before queueing any."""
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"max_tokens: expected prompt + max_tokens <= max_model_len {self.max_model_len}"
+                f"; request {request_id!r}: prompt of {num_prompt_tokens} tokens + max_tokens "
+                f"{max_tokens} = {total} tokens"
+            )
+        # The last sampled token is never fed back, so its KV never needs a slot.
+        num_blocks_needed = -(-(total - 1) // self.block_size)
+        if num_blocks_needed > self.num_blocks:
+            raise RequestRejected(
+                f"max_tokens: expected prompt + max_tokens to fit the KV cache; request "
+                f"{request_id!r}: prompt of {num_prompt_tokens} tokens + max_tokens {max_tokens} "
+                f"needs {num_blocks_needed} KV blocks of {self.block_size} tokens, but the cache "
+                f"has only {self.num_blocks}"
+            )
 
     def add_prefilled_request(self, request: Request) -> list[int] | None:
         """Admit a request whose prompt KV was computed elsewhere (disaggregated prefill).
@@ -113,6 +123,8 @@ class Scheduler:
                 f"request {rid!r}: a prefilled request carries exactly its first sampled token, "
                 f"got {request.num_output_tokens}"
             )
+        # Before any allocation: a request that can never fit must not wait for room forever.
+        self.check_admissible(rid, request.num_prompt_tokens, request.sampling_params.max_tokens)
         if len(self.running) >= self.config.max_num_seqs:
             return None
         request.num_computed_tokens = 0
@@ -283,54 +295,75 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
     ) -> list[RequestUpdate]:
-        """Advance the scheduled requests by what the runner computed and sampled."""
+        """Advance the scheduled requests by what the runner computed and sampled.
+
+        A request the runner failed (``runner_output.errors``), or whose update raises here,
+        finishes with "error" and frees its blocks; the other requests go on.
+        """
         updates: list[RequestUpdate] = []
-        sampled_by_id = runner_output.sampled_token_ids
         for rid, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(rid)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished from outside (abort, stop string) during the step
-            sampled = sampled_by_id.get(rid, [])
-            if rid in scheduler_output.num_draft_tokens:
-                # A verify step computed the last token and the accepted drafts: one fewer
-                # than it emits (the bonus token is never computed).
-                if not sampled:
-                    raise RuntimeError(f"request {rid!r}: a verify step sampled no token")
-                new_token_ids = self._append_verified(request, sampled)
-                updates.append(
-                    RequestUpdate(
-                        rid, new_token_ids, request.status.finish_reason, request.num_cached_tokens
+            error = runner_output.errors.get(rid)
+            if error is None:
+                try:
+                    update = self._update_request(
+                        request, num_scheduled, scheduler_output, runner_output
                     )
-                )
-                continue
-            request.num_computed_tokens += num_scheduled
-            self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
-            reached_end = request.num_computed_tokens == request.num_tokens
-            if reached_end != bool(sampled):
-                # A silent mismatch would desynchronize the runner's tokens from ours.
-                raise RuntimeError(
-                    f"request {rid!r}: runner sampled {len(sampled)} token(s) for a chunk that "
-                    f"{'reached' if reached_end else 'did not reach'} its last known token "
-                    f"({request.num_computed_tokens} of {request.num_tokens} computed)"
-                )
-            if not sampled:
-                continue
-            new_token_ids: list[int] = []
-            status: RequestStatus | None = None
-            for token_id in sampled:
-                request.append_output_token(token_id)
-                new_token_ids.append(token_id)
-                status = self._stop_status(request, token_id)
-                if status is not None:
-                    break
-            if status is not None:
-                self._finish(request, status)
-            updates.append(
-                RequestUpdate(
-                    rid, new_token_ids, request.status.finish_reason, request.num_cached_tokens
-                )
-            )
+                except Exception as exc:  # one request's inconsistency must not stop the rest
+                    error = f"{type(exc).__name__}: {exc}"
+                else:
+                    if update is not None:
+                        updates.append(update)
+                    continue
+            self._fail(request, error)
+            updates.append(RequestUpdate(rid, [], "error", request.num_cached_tokens, error))
         return updates
+
+    def _update_request(
+        self,
+        request: Request,
+        num_scheduled: int,
+        scheduler_output: SchedulerOutput,
+        runner_output: RunnerOutput,
+    ) -> RequestUpdate | None:
+        rid = request.request_id
+        sampled = runner_output.sampled_token_ids.get(rid, [])
+        if rid in scheduler_output.num_draft_tokens:
+            # A verify step computed the last token and the accepted drafts: one fewer
+            # than it emits (the bonus token is never computed).
+            if not sampled:
+                raise RuntimeError(f"request {rid!r}: a verify step sampled no token")
+            new_token_ids = self._append_verified(request, sampled)
+            return RequestUpdate(
+                rid, new_token_ids, request.status.finish_reason, request.num_cached_tokens
+            )
+        request.num_computed_tokens += num_scheduled
+        self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
+        reached_end = request.num_computed_tokens == request.num_tokens
+        if reached_end != bool(sampled):
+            # A silent mismatch would desynchronize the runner's tokens from ours.
+            raise RuntimeError(
+                f"request {rid!r}: runner sampled {len(sampled)} token(s) for a chunk that "
+                f"{'reached' if reached_end else 'did not reach'} its last known token "
+                f"({request.num_computed_tokens} of {request.num_tokens} computed)"
+            )
+        if not sampled:
+            return None
+        new_token_ids: list[int] = []
+        status: RequestStatus | None = None
+        for token_id in sampled:
+            request.append_output_token(token_id)
+            new_token_ids.append(token_id)
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                break
+        if status is not None:
+            self._finish(request, status)
+        return RequestUpdate(
+            rid, new_token_ids, request.status.finish_reason, request.num_cached_tokens
+        )
 
     def _append_verified(self, request: Request, sampled: list[int]) -> list[int]:
         """Append a verify step's tokens up to the first stop condition (the rest are dropped);
@@ -375,6 +408,21 @@ class Scheduler:
             if request is not None:
                 self._finish(request, status)
 
+    def fail_requests(self, request_ids: Iterable[str], error: str) -> list[str]:
+        """Finish waiting or running requests with "error" (a step that failed as a whole);
+        returns the ids that were unfinished. Their blocks are freed, even with hold_kv."""
+        failed = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self._fail(request, error)
+                failed.append(rid)
+        return failed
+
+    def _fail(self, request: Request, error: str) -> None:
+        request.error = error
+        self._finish(request, RequestStatus.FINISHED_ERROR)
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
@@ -382,7 +430,8 @@ class Scheduler:
             self.waiting.remove(request)
         if request in self._imported:
             self._imported.remove(request)
-        if request.hold_kv_on_finish and status != RequestStatus.FINISHED_ABORTED:
+        # A failed request's KV may be partly written: it is never held for export.
+        if request.hold_kv_on_finish and status not in _NOT_HELD:
             self.held[request.request_id] = request
         else:
             self.kv_cache.free(request)

@@ -66,6 +66,9 @@ class RunnerOutput:
     # its known tokens (exactly one token per request without speculative decoding; accepted
     # drafts then the target's own token for a verify step).
     sampled_token_ids: dict[str, list[int]]
+    # request id -> why it failed this step (its sampling or verification raised). Such a
+    # request has no entry in ``sampled_token_ids``; the scheduler finishes it with "error".
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ class RequestUpdate:
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    error: str | None = None  # why, for "error"
 
 
 @dataclass(frozen=True)

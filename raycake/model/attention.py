@@ -96,7 +96,7 @@ def _plan_spans(spans: list[QuerySpan], block_size: int) -> tuple[list[SpanBatch
         for r, span in enumerate(members):
             tables[r, : len(span.block_ids)] = span.block_ids
             mask[r, 0, :, : span.context_len] = span.mask
-        index = torch.cat([torch.arange(s.start, s.end) for s in members]).to(device)
+        index = torch.cat([torch.arange(s.start, s.end, device=device) for s in members])
         batches.append(SpanBatch(index, n, tables, mask))
     return batches, single
 

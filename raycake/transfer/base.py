@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from raycake.transfer.wire import KVBlockHeader, KVTransferError
+from raycake.transfer.wire import KVBlockHeader, KVTransferError, UnpackedKV
 
 
 class KVLostError(KVTransferError):
@@ -55,10 +55,11 @@ class KVTransfer(Protocol):
       and an ``owner`` actor can keep it alive after the publisher exits). A fetch never returns
       wrong bytes.
 
-    Receiver: ``fetch(handle)`` returns the [L, 2, B, S, H, D] tensor of the header's dtype,
-    validated by ``unpack_kv``; any mismatch or transport failure raises KVTransferError. The
-    receiver owns the result; it may be a read-only zero-copy view (object_store on the same node),
-    so copy it into the KV cache rather than writing to it. A handle may be fetched several times,
+    Receiver: ``fetch(handle)`` returns an ``UnpackedKV``: the [L, 2, B, S, H, D] tensor of the
+    header's dtype and, when the header describes them, the prompt's EAGLE target features
+    [tokens, hidden] (else None), validated by ``unpack_payload``; any mismatch or transport
+    failure raises KVTransferError. The receiver owns the result; it may be a read-only zero-copy
+    view (object_store on the same node), so copy it into the KV cache rather than writing to it. A handle may be fetched several times,
     by several receivers, until it is released.
     """
 
@@ -66,7 +67,7 @@ class KVTransfer(Protocol):
 
     def publish(self, header: KVBlockHeader, payload: np.ndarray | torch.Tensor) -> KVHandle: ...
 
-    def fetch(self, handle: KVHandle) -> torch.Tensor: ...
+    def fetch(self, handle: KVHandle) -> UnpackedKV: ...
 
     def release(self, handle: KVHandle) -> None: ...
 

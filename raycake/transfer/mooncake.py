@@ -25,9 +25,10 @@ from raycake.transfer.base import KVHandle, check_handle, check_sent_header
 from raycake.transfer.wire import (
     KVBlockHeader,
     KVTransferError,
+    UnpackedKV,
     check_payload,
     payload_bytes,
-    unpack_kv,
+    unpack_payload,
 )
 
 PACKAGE_HINT = (
@@ -109,7 +110,7 @@ class MooncakeTransfer:
         locator = MooncakeLocator(self._session_id, flat.ctypes.data, flat.nbytes, *regions[1])
         return KVHandle(self.name, transfer_id, header_bytes, locator=locator)
 
-    def fetch(self, handle: KVHandle) -> torch.Tensor:
+    def fetch(self, handle: KVHandle) -> UnpackedKV:
         header = check_handle(handle, self.name)
         locator = handle.locator
         if not isinstance(locator, MooncakeLocator):
@@ -140,7 +141,7 @@ class MooncakeTransfer:
             _read(engine, locator.session_id, address, locator.address, locator.length)
         finally:
             engine.unregister_memory(address)
-        return unpack_kv(header, buffer[: header.nbytes])
+        return unpack_payload(header, buffer[: header.nbytes])
 
     def release(self, handle: KVHandle) -> None:
         entry = self._published.pop(handle.transfer_id, None)

@@ -16,7 +16,13 @@ import ray
 import torch
 
 from raycake.transfer.base import KVHandle, KVLostError, check_handle, check_sent_header
-from raycake.transfer.wire import KVBlockHeader, KVTransferError, check_payload, unpack_kv
+from raycake.transfer.wire import (
+    KVBlockHeader,
+    KVTransferError,
+    UnpackedKV,
+    check_payload,
+    unpack_payload,
+)
 
 
 class ObjectStoreTransfer:
@@ -58,7 +64,7 @@ class ObjectStoreTransfer:
         self._published[transfer_id] = ref
         return KVHandle(self.name, transfer_id, header_bytes, locator=ref)
 
-    def fetch(self, handle: KVHandle) -> torch.Tensor:
+    def fetch(self, handle: KVHandle) -> UnpackedKV:
         header = check_handle(handle, self.name)
         if not isinstance(handle.locator, ray.ObjectRef):
             raise KVTransferError(
@@ -74,7 +80,7 @@ class ObjectStoreTransfer:
         check_sent_header(handle, sent_header)
         if not isinstance(payload, np.ndarray):
             raise KVTransferError(f"payload: expected a numpy array, got {type(payload).__name__}")
-        return unpack_kv(header, payload)
+        return unpack_payload(header, payload)
 
     def release(self, handle: KVHandle) -> None:
         self._published.pop(handle.transfer_id, None)

@@ -40,7 +40,13 @@ import ray
 import torch
 
 from raycake.transfer.base import KVHandle, KVLostError, check_handle, check_sent_header
-from raycake.transfer.wire import KVBlockHeader, KVTransferError, check_payload, unpack_kv
+from raycake.transfer.wire import (
+    KVBlockHeader,
+    KVTransferError,
+    UnpackedKV,
+    check_payload,
+    unpack_payload,
+)
 
 RAY_DIRECT_TRANSPORTS = ("gloo", "nccl", "nixl")
 _COLLECTIVE_BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}  # nixl is one-sided: no group
@@ -188,7 +194,7 @@ class RayDirectTransfer:
             state.exports[transfer_id] = (header_bytes, flat)
         return KVHandle(self.name, transfer_id, header_bytes, locator=me)
 
-    def fetch(self, handle: KVHandle) -> torch.Tensor:
+    def fetch(self, handle: KVHandle) -> UnpackedKV:
         header = check_handle(handle, self.name)
         state = self.endpoint._rdt_state()
         if state.coordinator is None:
@@ -216,7 +222,7 @@ class RayDirectTransfer:
         with state.lock:
             sent_header, payload = state.inbox.pop(fetch_id)
         check_sent_header(handle, sent_header)
-        return unpack_kv(header, payload)
+        return unpack_payload(header, payload)
 
     def release(self, handle: KVHandle) -> None:
         state = self.endpoint._rdt_state()

@@ -9,6 +9,7 @@ import pytest
 from raycake.engine.config import CacheConfig, EngineConfig
 from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.scheduler import RequestRejected
 from tests.llama_checkpoints import CONFIGS, build_checkpoint
 
 
@@ -89,10 +90,18 @@ def test_handoff_waits_when_the_decode_pool_is_full(model_dir):
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     prefill = _engine(model_dir)
     first, exported = _prefill(prefill, list(range(40)), params)
-    decode = _engine(model_dir, num_blocks=8)  # 40 tokens need 10 blocks of 4
+    # 40 tokens + 4 to generate need 11 blocks of 4: 12 hold one such request at a time.
+    decode = _engine(model_dir, num_blocks=12)
+    assert decode.add_prefilled_request("a", list(range(40)), first, params, exported.kv)
     assert not decode.add_prefilled_request("x", list(range(40)), first, params, exported.kv)
-    assert not decode.has_unfinished_requests()
+    assert decode.unfinished_request_ids() == ["a"]
     decode.scheduler.check_invariants()
+    # A pool that could never hold it refuses at once instead of letting the caller wait.
+    tiny = _engine(model_dir, num_blocks=8)
+    with pytest.raises(RequestRejected, match=r"max_tokens: .* needs 11 KV blocks"):
+        tiny.add_prefilled_request("x", list(range(40)), first, params, exported.kv)
+    assert not tiny.has_unfinished_requests()
+    tiny.scheduler.check_invariants()
     bad = exported.kv[:, :, :2]
     roomy = _engine(model_dir)
     with pytest.raises(ValueError, match="kv: expected shape"):

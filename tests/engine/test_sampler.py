@@ -74,3 +74,30 @@ def test_sampled_frequencies_follow_the_tempered_distribution():
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_sample_rows_fails_a_nan_row_and_a_raising_row_alone(monkeypatch):
+    from raycake.engine import sampler
+
+    logits = torch.tensor([[0.1, 3.0, 0.2], [1.0, float("nan"), 0.0], [5.0, 1.0, 4.9]] * 2)
+    greedy, seeded = SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=7)
+    params = [greedy, greedy, greedy, seeded, seeded, seeded]
+    gens = [_gen(i) for i in range(6)]
+    original = sampler.sample_row
+    calls = []
+
+    def sample_row(row, p, generator):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the second sampled row (the last one: the NaN row is skipped)
+            raise RuntimeError("boom")
+        return original(row, p, generator)
+
+    monkeypatch.setattr(sampler, "sample_row", sample_row)
+    tokens = sampler.sample_rows(logits, params, gens)
+    nan_error = sampler.SampleError("sampling: the model's logits contain NaN")
+    assert tokens[:3] == [1, nan_error, 0]
+    assert isinstance(tokens[3], int) and 0 <= tokens[3] < 3
+    assert tokens[4] == nan_error  # never reaches sample_row
+    assert tokens[5] == sampler.SampleError("sampling: RuntimeError: boom")
+    with pytest.raises(RuntimeError, match="logits contain NaN"):
+        sample(logits[:2], params[:2], gens[:2])

@@ -308,12 +308,43 @@ def test_abort_frees_waiting_and_running_requests():
         sched.finish_requests(["x"], RequestStatus.RUNNING)
 
 
-def test_a_token_for_an_unfinished_chunk_breaks_the_contract():
+def test_a_token_for_an_unfinished_chunk_breaks_the_contract_and_fails_only_that_request():
     sched = make_scheduler(max_prefill_chunk=4)
+    free = sched.kv_cache.num_free_blocks
     sched.add_request(make_request("r", list(range(10))))
+    sched.add_request(make_request("ok", list(range(20, 30))))
     out = sched.schedule()
-    with pytest.raises(RuntimeError, match="did not reach its last known token"):
-        sched.update_from_output(out, RunnerOutput(sampled_token_ids={"r": [3]}))
+    assert out.num_scheduled_tokens == {"r": 4, "ok": 4}
+    # "ok" computed a chunk that samples nothing: it advances without an update.
+    [bad] = sched.update_from_output(out, RunnerOutput(sampled_token_ids={"r": [3]}))
+    assert (bad.request_id, bad.new_token_ids, bad.finish_reason) == ("r", [], "error")
+    assert "did not reach its last known token" in bad.error
+    assert sched.get_request("r") is None and sched.get_request("ok").num_computed_tokens == 4
+    sched.check_invariants()
+    sched.finish_requests(["ok"], RequestStatus.FINISHED_ABORTED)
+    assert sched.kv_cache.num_free_blocks == free
+
+
+def test_runner_errors_fail_their_requests_and_free_held_blocks():
+    sched = make_scheduler()
+    free = sched.kv_cache.num_free_blocks
+    held = make_request("held", list(range(6)))
+    held.hold_kv_on_finish = True  # an error frees the blocks even of a request holding them
+    sched.add_request(held)
+    sched.add_request(make_request("ok", list(range(40, 46))))
+    out = sched.schedule()
+    updates = sched.update_from_output(
+        out, RunnerOutput(sampled_token_ids={"ok": [7]}, errors={"held": "sampling: boom"})
+    )
+    assert [(u.request_id, u.new_token_ids, u.finish_reason, u.error) for u in updates] == [
+        ("held", [], "error", "sampling: boom"),
+        ("ok", [7], None, None),
+    ]
+    assert "held" not in sched.held
+    sched.check_invariants()
+    assert sched.fail_requests(["ok", "unknown"], "step failed") == ["ok"]
+    sched.check_invariants()
+    assert sched.kv_cache.num_free_blocks == free and not sched.has_unfinished_requests()
 
 
 def test_random_traffic_keeps_invariants_and_finishes_every_request():

@@ -60,7 +60,7 @@ class KVPeer(RayDirectKVEndpoint):
     def fetch_equal(
         self, backend: str, handle: KVHandle, dtype: str, seed: int, shape=SHAPE
     ) -> bool:
-        kv = self.transfers[backend].fetch(handle)
+        kv = self.transfers[backend].fetch(handle).kv
         return kv.dtype == DTYPES[dtype] and torch.equal(kv, make_kv(dtype, seed, shape))
 
     def fetch_error(self, backend: str, handle: KVHandle) -> str:
@@ -202,7 +202,7 @@ class AsyncKVPeer(RayDirectKVEndpoint):
         return self.transfer.publish(header, array)
 
     async def fetch_equal(self, handle: KVHandle, dtype: str, seed: int) -> bool:
-        kv = await asyncio.to_thread(self.transfer.fetch, handle)
+        kv = (await asyncio.to_thread(self.transfer.fetch, handle)).kv
         return torch.equal(kv, make_kv(dtype, seed))
 
 

@@ -12,6 +12,7 @@ import torch
 
 from raycake.engine.kv_cache import hash_block_tokens
 from raycake.transfer import KVBlockHeader, KVTransferError, make_kv_transfer, pack_kv, unpack_kv
+from raycake.transfer.wire import unpack_payload
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPE = (3, 2, 4, 8, 2, 16)  # [L, 2, B, S, H, D]
@@ -142,7 +143,7 @@ def test_from_msgpack_validates_everything():
         b"\xc1": "header: not valid msgpack",
         header.to_msgpack()[:-3]: "header: not valid msgpack",
         msgpack.packb([1, 2]): "header: expected a map",
-        msgpack.packb({**good, "version": 2}): "version",
+        msgpack.packb({**good, "version": 3}): "version",
         msgpack.packb({**good, "extra": 1}): "unknown fields",
         msgpack.packb({k: v for k, v in good.items() if k != "nbytes"}): "missing fields",
         msgpack.packb({**good, "num_blocks": -1}): "num_blocks",
@@ -177,3 +178,102 @@ def test_mooncake_names_the_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)  # import now raises ImportError
     with pytest.raises(KVTransferError, match="mooncake-transfer-engine-non-cuda"):
         _ = MooncakeTransfer().session_id
+
+
+# ---- EAGLE target features after the KV (version 2), and device-agnostic packing -----------
+
+
+def make_features(dtype: torch.dtype, num_tokens: int = 29, dim: int = 24) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn((num_tokens, dim), generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("kv_dtype", "features_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_features_travel_after_the_kv(kv_dtype, features_dtype):
+    kv, features = make_kv(kv_dtype), make_features(features_dtype)
+    header, flat = pack_kv(kv, chained_hashes(3, 8), 29, with_checksum=True, features=features)
+    kv_bytes = kv.numel() * kv.element_size()
+    assert header.has_features and header.features_shape == (29, 24)
+    assert header.kv_nbytes == kv_bytes
+    assert header.nbytes == flat.nbytes == kv_bytes + features.numel() * features.element_size()
+    assert flat.dtype == np.uint8 and flat.ndim == 1
+    fields = msgpack.unpackb(header.to_msgpack())
+    assert fields["version"] == 2 and fields["features_dim"] == 24
+    decoded = KVBlockHeader.from_msgpack(header.to_msgpack())
+    assert decoded == header
+    for payload in (flat, flat.tobytes(), torch.from_numpy(flat)):
+        out = unpack_payload(decoded, payload)
+        assert torch.equal(out.kv, kv) and torch.equal(out.features, features)
+        assert out.features.dtype == features_dtype
+        assert torch.equal(unpack_kv(decoded, payload), kv)  # what a transport's fetch returns
+
+
+def test_a_payload_without_features_keeps_the_version_1_format():
+    kv, header, array = packed(torch.float16, with_checksum=True)
+    fields = msgpack.unpackb(header.to_msgpack())
+    assert fields["version"] == 1 and not set(fields) & {"features_dim", "features_dtype"}
+    assert header.nbytes == header.kv_nbytes and not header.has_features
+    out = unpack_payload(KVBlockHeader.from_msgpack(header.to_msgpack()), array)
+    assert torch.equal(out.kv, kv) and out.features is None
+
+
+def test_a_flipped_feature_bit_fails_the_features_checksum():
+    features = make_features(torch.float32)
+    header, flat = pack_kv(make_kv(torch.float32), [], 29, with_checksum=True, features=features)
+    assert header.features_checksum is not None
+    corrupted = bytearray(flat.tobytes())
+    corrupted[header.kv_nbytes + 5] ^= 0x10
+    with pytest.raises(KVTransferError, match=r"^features_checksum: payload CRC-32"):
+        unpack_payload(header, bytes(corrupted))
+    with pytest.raises(KVTransferError, match=r"^features_checksum"):
+        unpack_kv(header, bytes(corrupted))  # a transport's fetch checks the features too
+
+
+def test_feature_headers_are_validated():
+    features = make_features(torch.float32)
+    header, flat = pack_kv(make_kv(torch.float32), [], 29, features=features)
+    good = msgpack.unpackb(header.to_msgpack())
+    cases = {
+        msgpack.packb({k: v for k, v in good.items() if k != "features_dtype"}): "missing fields",
+        msgpack.packb({**good, "features_dim": None, "features_dtype": None}): "^features_dim",
+        msgpack.packb({**good, "version": 1}): "unknown fields",
+        msgpack.packb({**good, "features_dtype": "int8"}): "^features_dtype",
+        msgpack.packb({**good, "features_dim": 25}): "^nbytes: .* and features",
+        msgpack.packb({**good, "features_checksum": -1}): "^features_checksum",
+    }
+    for data, match in cases.items():
+        with pytest.raises(KVTransferError, match=match):
+            KVBlockHeader.from_msgpack(data)
+    with pytest.raises(KVTransferError, match=r"^features_dtype: set without features_dim"):
+        KVBlockHeader(**{**header_fields(), "features_dtype": "float32"})
+    with pytest.raises(KVTransferError, match=r"^features: expected shape \[num_tokens=29, E\]"):
+        pack_kv(make_kv(torch.float32), [], 29, features=features[:28])
+    with pytest.raises(KVTransferError, match=r"^payload: .* bytes"):
+        unpack_payload(header, flat[: header.kv_nbytes])  # the KV alone, features missing
+
+
+def test_pack_kv_stages_any_layout_and_unpack_kv_targets_a_device():
+    """Non-contiguous inputs (a transposed KV, a strided features slice) are staged into host
+    bytes; ``device`` puts the result where the caller computes (meta here: no accelerator)."""
+    kv = make_kv(torch.float16, shape=(3, 2, 4, 8, 16, 2)).transpose(-1, -2)
+    features = make_features(torch.float32, dim=48)[:, ::2]
+    assert not kv.is_contiguous() and not features.is_contiguous()
+    header, flat = pack_kv(kv, [], 29, features=features)
+    out = unpack_payload(header, flat)
+    assert torch.equal(out.kv, kv) and torch.equal(out.features, features)
+    moved = unpack_payload(header, flat, device="meta")
+    assert moved.kv.device.type == "meta" and moved.kv.shape == kv.shape
+    assert moved.features.device.type == "meta" and moved.features.shape == (29, 24)
+    assert unpack_kv(header, flat, device=torch.device("cpu")).device.type == "cpu"
+    with pytest.raises(KVTransferError, match=r"^kv: a tensor on device meta has no bytes"):
+        pack_kv(torch.zeros(1, 2, 1, 4, 1, 1, device="meta"), [], 4)
+    with pytest.raises(KVTransferError, match=r"^features: dtype torch.int64"):
+        pack_kv(make_kv(torch.float32), [], 29, features=torch.zeros(29, 2, dtype=torch.long))

@@ -40,6 +40,7 @@ from raycake.engine.spec.controller import SpeculationController
 from raycake.engine.spec.tree import (
     DraftTree,
     SpecDecodeStats,
+    Verdict,
     select_tree,
     target_probs,
     tree_attention_mask,
@@ -133,7 +134,7 @@ class SpecDecodeRunner(ModelRunner):
         return ChunkInputs(
             token_ids=[state.token_ids[root], *tree.token_ids],
             positions=[root] + [root + d for d in tree.depths],
-            mask=tree_attention_mask(tree, root, self.dtype),
+            mask=tree_attention_mask(tree, root, self.dtype, self.device),
             samples=False,
         )
 
@@ -157,11 +158,15 @@ class SpecDecodeRunner(ModelRunner):
         inputs = self.prepare(out)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         self.features[inputs.meta.slot_mapping] = hidden
-        sampled = self._sample(inputs, hidden)
+        sampled, errors = self._sample(inputs, hidden)
         for rid, n in out.num_scheduled_tokens.items():
             if rid not in self.trees:
                 self.requests[rid].num_computed_tokens += n
-        sampled.update(self._verify(inputs.span_request_ids, inputs.meta.spans, hidden))
+        verified_tokens, verify_errors = self._verify(
+            inputs.span_request_ids, inputs.meta.spans, hidden
+        )
+        sampled.update(verified_tokens)
+        errors.update(verify_errors)
         verified = time.perf_counter()
         self.stats.draft_seconds += drafted - started
         self.stats.target_seconds += verified - drafted
@@ -188,7 +193,33 @@ class SpecDecodeRunner(ModelRunner):
                 self.controller.observe_drafting(depth, len(self.trees), catch_up_s + tree_s)
         if self.controller is not None and self.trees:
             self._account_speedup(out, sampled, verified - started)
-        return RunnerOutput(sampled_token_ids=sampled)
+        return RunnerOutput(sampled_token_ids=sampled, errors=errors)
+
+    def forget(self, request_ids: set[str]) -> None:
+        super().forget(request_ids)
+        for rid in request_ids:
+            self.head_states.pop(rid, None)
+        self.trees = {}  # a failed step's trees must not shape the next step's spans
+
+    # ---- target features: what the head drafts from, exported with a prompt's KV -----------
+
+    def _token_slots(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        bs = self.block_size
+        slots = [block_ids[p // bs] * bs + p % bs for p in range(num_tokens)]
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def read_features(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        """The target's features at positions 0..num_tokens-1 of a sequence held in
+        ``block_ids`` (a copy): [num_tokens, E]."""
+        return self.features[self._token_slots(block_ids, num_tokens)]
+
+    @torch.inference_mode()
+    def write_features(self, block_ids: list[int], features: torch.Tensor) -> None:
+        """Put the features [N, E] of positions 0..N-1 into a sequence's slots, so the head's
+        catch-up drafts from the target's real features (``read_features`` on another engine)."""
+        index = self._token_slots(block_ids, features.shape[0])
+        self.features[index] = features.to(device=self.device, dtype=self.dtype)
 
     def _account_speedup(
         self, out: SchedulerOutput, sampled: dict[str, list[int]], seconds: float
@@ -212,33 +243,42 @@ class SpecDecodeRunner(ModelRunner):
 
     def _verify(
         self, span_ids: list[str], spans: list[QuerySpan], hidden: torch.Tensor
-    ) -> dict[str, list[int]]:
-        """Accept a path of each tree, move its KV to its positions; commit the tokens."""
+    ) -> tuple[dict[str, list[int]], dict[str, str]]:
+        """Accept a path of each tree, move its KV to its positions; commit the tokens. A
+        request whose verification raises gets an error instead (the others go on)."""
         sampled: dict[str, list[int]] = {}
+        errors: dict[str, str] = {}
         src: list[int] = []
         dst: list[int] = []
         verify = [
             (rid, span) for rid, span in zip(span_ids, spans, strict=True) if rid in self.trees
         ]
         if not verify:
-            return sampled
+            return sampled, errors
         # One lm_head pass over every tree's rows: at small batches a step reads the weights,
         # so a pass per request would read them once per request.
-        rows = torch.cat([torch.arange(span.start, span.end) for _, span in verify])
-        all_logits = self.model.compute_logits(hidden[rows.to(hidden.device)])  # [sum(1 + n), V]
+        rows = torch.cat(
+            [torch.arange(span.start, span.end, device=hidden.device) for _, span in verify]
+        )
+        all_logits = self.model.compute_logits(hidden[rows])  # [sum(1 + n), V]
+        # NaN rows (a poisoned forward) fail their request: argmax would pick the NaN and
+        # commit a garbage token silently. One device read for the whole step.
+        nan_rows = all_logits.isnan().any(dim=-1).tolist()  # [sum(1 + n)]
         offset = 0
         for rid, span in verify:
             tree = self.trees[rid]
             state = self.requests[rid]
             n = span.end - span.start
             logits = all_logits[offset : offset + n]  # [1 + n, V]
+            has_nan = any(nan_rows[offset : offset + n])
             offset += n
-            params = state.sampling_params
-            if params.is_greedy:
-                verdict = verify_greedy(tree, logits)
-            else:
-                reseed(state)
-                verdict = verify_sampling(tree, target_probs(logits, params), state.generator)
+            try:
+                if has_nan:
+                    raise ValueError("the model's logits contain NaN")
+                verdict = self._verdict(state, tree, logits)
+            except Exception as exc:  # this request fails; the batch goes on
+                errors[rid] = f"verification: {type(exc).__name__}: {exc}"
+                continue
             root = state.num_computed_tokens
             for j, node in enumerate(verdict.accepted_nodes):
                 if (
@@ -266,7 +306,15 @@ class SpecDecodeRunner(ModelRunner):
             for cache in self.kv_caches:
                 cache[:, d] = cache[:, s]
             self.features[d] = self.features[s]
-        return sampled
+        return sampled, errors
+
+    def _verdict(self, state: RunnerRequestState, tree: DraftTree, logits: torch.Tensor) -> Verdict:
+        """Verify one request's tree against the target's logits [1 + n, V]."""
+        params = state.sampling_params
+        if params.is_greedy:
+            return verify_greedy(tree, logits)
+        reseed(state)
+        return verify_sampling(tree, target_probs(logits, params), state.generator)
 
     # ---- the draft head --------------------------------------------------------------------
 
@@ -280,6 +328,7 @@ class SpecDecodeRunner(ModelRunner):
         spans: list[QuerySpan] = []
         roots: list[tuple[str, int]] = []  # requests whose last known token got an entry
         bs = self.block_size
+        device = self.device
         for rid in request_ids:
             state, head = self.requests.get(rid), self.head_states.get(rid)
             if state is None or head is None:
@@ -297,17 +346,17 @@ class SpecDecodeRunner(ModelRunner):
                 feature_slots.append(self._slot(state, p - 1))
                 slots.append(self._slot(state, p))
             context = last + 1
-            cols = torch.arange(context)[None, :]
-            q_pos = torch.arange(first_pos, last + 1)[:, None]
+            cols = torch.arange(context, device=device)[None, :]
+            q_pos = torch.arange(first_pos, last + 1, device=device)[:, None]
             mask = _additive_mask((cols > q_pos) | (cols == 0), self.dtype)  # [n, C]
-            block_ids = torch.tensor(state.block_ids[: -(-context // bs)], dtype=torch.long)
-            spans.append(QuerySpan(start, len(tokens), block_ids.to(self.device), context, mask))
+            table = state.block_ids[: -(-context // bs)]
+            block_ids = torch.tensor(table, dtype=torch.long, device=device)
+            spans.append(QuerySpan(start, len(tokens), block_ids, context, mask))
             head.next_position = last + 1
             if last == len(state.token_ids) - 1:
                 roots.append((rid, len(tokens) - 1))
         if not tokens:
             return 0
-        device = self.device
         meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
         out = self.head(
             self.features[torch.tensor(feature_slots, device=device)],
@@ -393,6 +442,7 @@ class SpecDecodeRunner(ModelRunner):
     ) -> torch.Tensor:
         """One head forward over the frontier nodes at ``depth`` of the active requests."""
         bs, k = self.block_size, self.spec.tree_top_k
+        device = self.device
         features, tokens, positions, slots = [], [], [], []
         spans: list[QuerySpan] = []
         for r in active:
@@ -403,8 +453,11 @@ class SpecDecodeRunner(ModelRunner):
             scratch_blocks = list(range(base, base + self.scratch_blocks))
             committed = len(committed_blocks) * bs
             context = committed + self.scratch_blocks * bs
-            allowed = torch.zeros(len(frontier[r]), context, dtype=torch.bool)
-            allowed[:, 1 : root + 1] = True
+            # Each node attends the committed tokens but position 0 (no head entry there),
+            # itself and its expanded ancestors in the scratch region: (row, column) pairs
+            # gathered here, set in one indexed write on the device.
+            mask_rows: list[int] = []
+            mask_cols: list[int] = []
             start = len(tokens)
             for j, c in enumerate(frontier[r]):
                 node = cands[r][c]
@@ -416,12 +469,19 @@ class SpecDecodeRunner(ModelRunner):
                 slots.append(base * bs + node.scratch)
                 a = c
                 while a >= 0:  # itself and its ancestors, all expanded
-                    allowed[j, committed + cands[r][a].scratch] = True
+                    mask_rows.append(j)
+                    mask_cols.append(committed + cands[r][a].scratch)
                     a = cands[r][a].parent
-            block_ids = torch.tensor(committed_blocks + scratch_blocks, dtype=torch.long)
+            allowed = torch.zeros(len(frontier[r]), context, dtype=torch.bool, device=device)
+            allowed[:, 1 : root + 1] = True
+            allowed[
+                torch.tensor(mask_rows, dtype=torch.long, device=device),
+                torch.tensor(mask_cols, dtype=torch.long, device=device),
+            ] = True
+            table = committed_blocks + scratch_blocks
+            block_ids = torch.tensor(table, dtype=torch.long, device=device)
             mask = _additive_mask(~allowed, self.dtype)
-            spans.append(QuerySpan(start, len(tokens), block_ids.to(self.device), context, mask))
-        device = self.device
+            spans.append(QuerySpan(start, len(tokens), block_ids, context, mask))
         meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
         return self.head(
             torch.stack(features),

@@ -44,15 +44,17 @@ class DraftTree:
             kids[parent + 1].append(i)
         return kids
 
-    def ancestor_mask(self) -> torch.Tensor:
-        """[1 + n, 1 + n] bool: row r may attend column c (root = 0, node i = i + 1)."""
+    def ancestor_mask(self, device: torch.device | str) -> torch.Tensor:
+        """[1 + n, 1 + n] bool on ``device``: row r may attend column c (root = 0, node i =
+        i + 1). Built as lists and sent in one copy: row by row on an accelerator would cost
+        a kernel launch per node."""
         size = self.num_nodes + 1
-        allowed = torch.zeros(size, size, dtype=torch.bool)
-        allowed[0, 0] = True
+        rows = [[False] * size for _ in range(size)]
+        rows[0][0] = True
         for i, parent in enumerate(self.parents):
-            allowed[i + 1] = allowed[parent + 1]
-            allowed[i + 1, i + 1] = True
-        return allowed
+            rows[i + 1] = list(rows[parent + 1])
+            rows[i + 1][i + 1] = True
+        return torch.tensor(rows, dtype=torch.bool, device=device)
 
 
 def select_tree(
@@ -73,14 +75,19 @@ def select_tree(
     )
 
 
-def tree_attention_mask(tree: DraftTree, num_committed: int, dtype: torch.dtype) -> torch.Tensor:
-    """[1 + n, C] additive mask of a verify span: root and nodes over the committed prefix.
+def tree_attention_mask(
+    tree: DraftTree, num_committed: int, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """[1 + n, C] additive mask of a verify span, on ``device``: root and nodes over the
+    committed prefix.
 
     ``num_committed`` is the root's position (N - 1): tokens before it are in the cache.
     """
-    allowed = torch.ones(tree.num_nodes + 1, num_committed + tree.num_nodes + 1, dtype=torch.bool)
-    allowed[:, num_committed:] = tree.ancestor_mask()
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    size = (tree.num_nodes + 1, num_committed + tree.num_nodes + 1)
+    allowed = torch.ones(size, dtype=torch.bool, device=device)
+    allowed[:, num_committed:] = tree.ancestor_mask(device)
+    zeros = torch.zeros(size, dtype=dtype, device=device)
+    return zeros.masked_fill_(~allowed, float("-inf"))
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ class _Endpoint:
 
     def fetch(self, handle: object) -> float:
         started = time.perf_counter()
-        kv = self.transfer.fetch(handle)  # type: ignore[arg-type]
+        kv = self.transfer.fetch(handle).kv  # type: ignore[arg-type]
         float(kv.sum())  # touch every byte, as the decode engine's import does
         return time.perf_counter() - started
 
