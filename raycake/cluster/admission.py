@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.sampling_params import SamplingParams, check_params_for_model
 from raycake.model.tokenizer import Tokenizer
-from raycake.validation import is_int, require
+from raycake.validation import check_token_ids, require
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,7 @@ def prompt_token_ids(prompt: Any, tokenizer: Tokenizer, limits: ModelLimits) -> 
     if isinstance(prompt, str):
         token_ids = tokenizer.encode(prompt)
     elif isinstance(prompt, (list, tuple)):
-        bad = [t for t in prompt if not is_int(t) or not 0 <= t < limits.vocab_size]
-        require(
-            not bad,
-            "prompt",
-            f"token ids in [0, {limits.vocab_size}) (integers, not booleans)",
-            bad[:5],
-        )
+        check_token_ids("prompt", prompt, limits.vocab_size)
         token_ids = list(prompt)
     else:
         raise ValueError(f"prompt: expected a string or a list of token ids, got {prompt!r:.80}")
@@ -43,21 +37,9 @@ def prompt_token_ids(prompt: Any, tokenizer: Tokenizer, limits: ModelLimits) -> 
 
 def check_sampling_params(params: Any, num_prompt_tokens: int, limits: ModelLimits) -> None:
     """``params`` against the model (its own fields were checked when it was built)."""
-    require(
-        isinstance(params, SamplingParams),
-        "sampling_params",
-        "a SamplingParams",
-        type(params).__name__,
-    )
-    require(
-        params.top_k <= limits.vocab_size,
-        "top_k",
-        f"an integer in [0, {limits.vocab_size}] (0 disables; the vocabulary has "
-        f"{limits.vocab_size} tokens)",
-        params.top_k,
-    )
-    bad = [t for t in params.stop_token_ids if not 0 <= t < limits.vocab_size]
-    require(not bad, "stop_token_ids", f"token ids in [0, {limits.vocab_size})", bad[:5])
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params: expected a SamplingParams, got {type(params).__name__}")
+    check_params_for_model(params, limits.vocab_size)
     total = num_prompt_tokens + params.max_tokens
     require(
         total <= limits.max_model_len,

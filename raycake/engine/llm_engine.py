@@ -30,7 +30,7 @@ from raycake.engine.request_output import (
     StreamDelta,
 )
 from raycake.engine.runner import ModelRunner, num_blocks_for
-from raycake.engine.sampling_params import SamplingParams
+from raycake.engine.sampling_params import SamplingParams, check_params_for_model
 from raycake.engine.scheduler import DraftBudget, Scheduler
 from raycake.engine.spec.config import SpeculativeConfig
 from raycake.engine.spec.controller import SpeculationController
@@ -241,19 +241,7 @@ class LLMEngine:
         return request, text
 
     def _check_params(self, params: object) -> None:
-        """The checks of ``SamplingParams`` that need the model: ids against the vocabulary."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(
-                f"sampling_params: expected SamplingParams, got {type(params).__name__}"
-            )
-        vocab = self.model_config.vocab_size
-        require(
-            params.top_k <= vocab,
-            "top_k",
-            f"an integer in [0, {vocab}] (0 disables; {vocab} is the vocabulary size)",
-            params.top_k,
-        )
-        check_token_ids("stop_token_ids", params.stop_token_ids, vocab)
+        check_params_for_model(params, self.model_config.vocab_size)
 
     def _check_request_id(self, request_id: object) -> None:
         require(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raycake.validation import check_bool, check_int, check_number, is_int, require
+from raycake.validation import check_bool, check_int, check_number, check_token_ids, is_int, require
 
 # torch.Generator.manual_seed's range: a seed outside it would pass here and fail mid-step.
 SEED_MIN = -(2**63)
@@ -78,3 +78,17 @@ def _as_tuple(name: str, value: object, kind: type) -> tuple:
         if not isinstance(item, kind) or isinstance(item, bool):
             raise ValueError(f"{name}: expected a list of {kind.__name__}, got item {item!r}")
     return tuple(value)
+
+
+def check_params_for_model(params: object, vocab_size: int) -> None:
+    """The checks of ``params`` that need the model: ``top_k`` and ``stop_token_ids`` against
+    its vocabulary (the engine and the cluster's driver both run them before any work)."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+    require(
+        params.top_k <= vocab_size,
+        "top_k",
+        f"an integer in [0, {vocab_size}] (0 disables; {vocab_size} is the vocabulary size)",
+        params.top_k,
+    )
+    check_token_ids("stop_token_ids", params.stop_token_ids, vocab_size)

@@ -66,7 +66,7 @@ def test_every_line_is_answered_and_the_server_survives_bad_ones(serving_cluster
         "line-2": "line: expected a JSON object",
         7: "prompt: expected a string or a list of token ids",
         "long": "max_tokens: expected prompt (2040 tokens) + max_tokens <= max_model_len",
-        "oov": "prompt: expected token ids in [0, 4096)",
+        "oov": "prompt: expected integer token ids in [0, 4096), got 1000000 at index 2",
         "bool": "max_tokens",
         "line-7": "prompt",
         "line-9": "line: expected UTF-8",
