@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from raycake.engine.config import EngineConfig, SchedulerConfig
-from raycake.engine.llm_engine import moe_load_since
+from raycake.engine.engine_stats import moe_load_since
 from raycake.engine.request_output import RequestOutput
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.spec.config import SpeculativeConfig

@@ -25,7 +25,7 @@ from opentelemetry.trace import NonRecordingSpan, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from raycake.cluster.config import TelemetryConfig
-from raycake.engine.llm_engine import moe_load_since
+from raycake.engine.engine_stats import moe_load_since
 
 if TYPE_CHECKING:
     from raycake.engine.spec.tree import SpecDecodeStats

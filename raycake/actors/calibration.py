@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from raycake.engine.llm_engine import LLMEngine, StepRecord
+from raycake.engine.engine_stats import StepRecord
+from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.sampling_params import SamplingParams
 from raycake.policies.step_cost_model import DecodeSample, PrefillSample, StepCostModel
 

@@ -22,7 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from raycake.engine.llm_engine import LLMEngine, StepRecord
+from raycake.engine.engine_stats import StepRecord
+from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.request_output import StreamDelta
 
 T = TypeVar("T")

@@ -9,7 +9,6 @@ the last few seconds, the ``raycake bench`` report the whole measured run.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import logging
 import time
@@ -21,6 +20,8 @@ import torch
 
 from raycake.assets import resolve_draft_model
 from raycake.engine.config import EngineConfig
+from raycake.engine.engine_stats import StepRecord
+from raycake.engine.handoff import ExportedKV, check_prefilled_kv
 from raycake.engine.kv_cache import block_hashes_for, check_block_hashes
 from raycake.engine.request import Request, RequestStatus
 from raycake.engine.request_output import (
@@ -44,35 +45,6 @@ from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, T
 from raycake.validation import check_token_ids, require
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExportedKV:
-    """A prompt's KV as it leaves a prefill engine."""
-
-    kv: torch.Tensor  # [layers, 2, blocks, P, K, Dh]; the last block may be partly filled
-    block_hashes: list[bytes]  # chained hashes of the full blocks (a prefix of ``kv``'s blocks)
-    num_tokens: int  # prompt tokens whose KV is in ``kv``
-    # [num_tokens, hidden]: the target's features at each prompt position, which the EAGLE
-    # head drafts from; None without speculation. ``add_prefilled_request(features=...)``.
-    features: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step computed and how long it took: samples for an instance's cost model."""
-
-    num_tokens: int  # tokens computed
-    num_requests: int  # requests in the step (a pure decode step has one token each)
-    num_context_tokens: int  # tokens attended to: everything before the step plus the step
-    seconds: float
-    num_draft_tokens: int = 0  # of num_tokens, draft tree nodes verified (speculation)
-
-    @property
-    def is_decode_only(self) -> bool:
-        """No prompt chunk in the step: one token per request, plus verified draft tokens (a
-        speculating instance's decode steps all verify drafts)."""
-        return self.num_tokens - self.num_draft_tokens == self.num_requests
 
 
 @dataclass
@@ -353,31 +325,9 @@ class LLMEngine:
         self.scheduler.check_admissible(
             request_id, len(prompt_token_ids), sampling_params.max_tokens
         )
-        mc = self.model_config
-        block_size = self.config.cache.block_size
-        expected = (
-            mc.num_hidden_layers,
-            2,
-            -(-len(prompt_token_ids) // block_size),
-            block_size,
-            mc.num_key_value_heads,
-            mc.head_dim,
+        check_prefilled_kv(
+            self.model_config, self.config.cache.block_size, len(prompt_token_ids), kv, features
         )
-        if not isinstance(kv, torch.Tensor) or not kv.is_floating_point():
-            raise ValueError(f"kv: expected a floating-point tensor, got {_describe(kv)}")
-        if tuple(kv.shape) != expected:
-            raise ValueError(f"kv: expected shape {expected}, got {tuple(kv.shape)}")
-        if features is not None:
-            expected_features = (len(prompt_token_ids), mc.hidden_size)
-            if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-                raise ValueError(
-                    f"features: expected a floating-point tensor, got {_describe(features)}"
-                )
-            if tuple(features.shape) != expected_features:
-                raise ValueError(
-                    f"features: expected shape {expected_features} (prompt tokens, hidden "
-                    f"size), got {tuple(features.shape)}"
-                )
         if block_hashes is not None:
             self.check_prompt_block_hashes(prompt_token_ids, block_hashes)
         request = Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids)
@@ -604,36 +554,3 @@ def draft_budget_for(
     if spec is None or spec.method is None or spec.policy == "off" or controller is None:
         return None
     return controller.budget_for
-
-
-def moe_load_since(
-    current: dict[int, MoEStats], baseline: dict[int, MoEStats]
-) -> dict[int, MoEStats]:
-    """The expert load between two reads of ``LLMEngine.moe_stats()``, per layer (a layer
-    missing from ``baseline`` counts from zero).
-
-    NOTE: every ``MoEStats`` field but ``num_experts`` is a count summed over steps (an int or
-    a list of ints), so the difference is taken field by field.
-    """
-    window = {}
-    for layer, now in current.items():
-        before = baseline.get(layer)
-        if before is None:
-            window[layer] = copy.deepcopy(now)
-            continue
-        counts = {}
-        for f in dataclasses.fields(now):
-            if f.name == "num_experts":
-                continue
-            a, b = getattr(now, f.name), getattr(before, f.name)
-            counts[f.name] = (
-                [x - y for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a - b
-            )
-        window[layer] = dataclasses.replace(now, **counts)
-    return window
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from raycake.actors.calibration import calibrate, samples_from_steps
 from raycake.engine.config import EngineConfig
-from raycake.engine.llm_engine import LLMEngine, StepRecord
+from raycake.engine.engine_stats import StepRecord
+from raycake.engine.llm_engine import LLMEngine
 
 
 def test_calibration_fits_the_engine_it_ran_on():

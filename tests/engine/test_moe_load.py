@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from raycake import LLM, SamplingParams
 from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from raycake.engine.llm_engine import moe_load_since
+from raycake.engine.engine_stats import moe_load_since
 from raycake.model.config import MoEConfig
 from raycake.model.moe import MoEStats
 from raycake.policies.routing import SwitchTop1Router

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from raycake.engine.config import EngineConfig
-from raycake.engine.llm_engine import LLMEngine, StepRecord
+from raycake.engine.engine_stats import StepRecord
+from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.engine.sampling_params import SamplingParams
 from raycake.policies.step_cost_model import DecodeSample, PrefillSample, StepCostModel
