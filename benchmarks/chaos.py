@@ -42,6 +42,7 @@ class RequestRecord:
     conversation: int
     turn: int
     seeded: bool
+    started_s: float = 0.0  # since the phase began
     finish_reason: str = "lost"
     cause: str = ""
     ttft_ms: float | None = None
@@ -90,7 +91,9 @@ async def _session(
                 seed=(args.seed * 100 + session) if seeded else None,
                 max_tokens=args.max_tokens,
             )
-            record = RequestRecord(phase, session, conversation, turn, seeded)
+            record = RequestRecord(
+                phase, session, conversation, turn, seeded, time.monotonic() - args.phase_start
+            )
             records.append(record)
             try:
                 text = await asyncio.wait_for(
@@ -104,7 +107,9 @@ async def _session(
             prompt = prompt + text + rng.choice(FOLLOW_UPS)
 
 
-async def _killer(cluster: Cluster, every_s: float, rng: random.Random, kills: Counter) -> None:
+async def _killer(
+    cluster: Cluster, every_s: float, rng: random.Random, kills: Counter, log: list, start: float
+) -> None:
     victims = {
         **{name: actor for name, actor in cluster.prefill.items()},
         **{name: actor for name, actor in cluster.decode.items()},
@@ -116,16 +121,25 @@ async def _killer(cluster: Cluster, every_s: float, rng: random.Random, kills: C
         name = rng.choice(sorted(victims))
         ray.kill(victims[name], no_restart=False)
         kills[name] += 1
+        log.append({"phase_s": time.monotonic() - start, "victim": name})
 
 
 async def _phase(cluster: Cluster, phase: str, args: argparse.Namespace) -> tuple[list, Counter]:
     records: list[RequestRecord] = []
     kills: Counter = Counter()
-    deadline = time.monotonic() + args.duration
+    args.phase_start = time.monotonic()
+    deadline = args.phase_start + args.duration
     killer = None
     if phase == "faults":
         killer = asyncio.ensure_future(
-            _killer(cluster, args.kill_every, random.Random(args.seed), kills)
+            _killer(
+                cluster,
+                args.kill_every,
+                random.Random(args.seed),
+                kills,
+                args.kill_log,
+                args.phase_start,
+            )
         )
     sessions = [_session(cluster, phase, s, args, records, deadline) for s in range(args.sessions)]
     await asyncio.gather(*sessions)
@@ -189,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    args.kill_log = []
     cluster = Cluster.from_config(
         ClusterConfig(
             namespace="raycake-chaos",
@@ -228,6 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{row['phase']}: errors {row['error_causes']}; kills {row['kills']}")
     write_table(rows, "chaos")
     write_table([vars(r) | {"token_ids": None} for r in clean + faulty], "chaos_requests")
+    if args.kill_log:
+        write_table(args.kill_log, "chaos_kills")
     return rows
 
 
