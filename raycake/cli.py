@@ -1,17 +1,28 @@
-"""The ``raycake`` command line: demo | serve | generate | bench | train | train-eagle."""
+"""The ``raycake`` command line: demo | serve | generate | bench | train | train-eagle | simulate."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from raycake.engine.config import QUANTIZATIONS
 from raycake.engine.spec.config import SPECULATIVE_METHODS, SpeculativeConfig
 from raycake.model.config import MOE_ROUTERS, SUPPORTED_DTYPES
 from raycake.policies.speculation import SPECULATION_POLICIES
 from raycake.training.config import EagleTrainConfig, TrainConfig
+
+if TYPE_CHECKING:  # the command line imports Ray and the cluster only for the commands using them
+    from raycake.cluster.cluster import Cluster
+    from raycake.cluster.config import ClusterConfig, HttpConfig
+
+# The API key's environment variable: read by the command line only, then passed in HttpConfig.
+API_KEY_ENV = "RAYCAKE_API_KEY"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -169,6 +180,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP API on Ray Serve; with ``--stdin``, JSON lines instead."""
+    return _serve_stdin(args) if args.stdin else _serve_http(args)
+
+
+def _serve_stdin(args: argparse.Namespace) -> int:
     """JSON lines in, one JSON reply line per request out (``raycake.cluster.jsonl_server``)."""
     import json
 
@@ -185,6 +201,77 @@ def _serve(args: argparse.Namespace) -> int:
         serve_stdin(cluster)
     finally:
         cluster.shutdown()
+    return 0
+
+
+def http_config_from_args(
+    http: HttpConfig, args: argparse.Namespace, environ: Mapping[str, str]
+) -> HttpConfig:
+    """The config's ``http`` section with the command line's overrides; the API key comes from
+    ``--api-key`` or else ``RAYCAKE_API_KEY`` (read here, once, and passed down)."""
+    from dataclasses import replace
+
+    overrides = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV)
+    if api_key is not None:
+        overrides["api_key"] = api_key
+    return replace(http, **overrides)
+
+
+def _attach_or_launch(config: ClusterConfig) -> Cluster:
+    """A driver over the deployment's actors when they already run, else a fresh deployment."""
+    from raycake.cluster.cluster import Cluster
+
+    try:
+        return Cluster.attach(config)
+    except ValueError:  # ray.get_actor: no actor of that name in the namespace
+        return Cluster(config)
+
+
+def _serve_http(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+    from dataclasses import replace
+
+    from ray import serve
+
+    from raycake.cluster.config import ClusterConfig
+    from raycake.cluster.openai_app import APP_NAME, serve_http
+
+    config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
+    config = replace(config, http=http_config_from_args(config.http, args, os.environ))
+    if config.http.api_key is None and config.http.host not in LOOPBACK_HOSTS:
+        print(
+            f"raycake serve: warning: listening on {config.http.host} without an API key "
+            f"(--api-key or {API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    cluster = _attach_or_launch(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # ray job stop sends SIGTERM
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = serve_http(config)
+        ready = {
+            "event": "ready",
+            "url": url,
+            "model": config.http.served_model_name or config.engine.model,
+            "attached": not cluster.owns_actors,
+            "prefill": list(cluster.prefill),
+            "decode": list(cluster.decode),
+        }
+        print(json.dumps(ready), flush=True)
+        stop.wait()
+    finally:
+        serve.delete(APP_NAME)
+        if not serve.status().applications:  # nothing else is served: free the port too
+            serve.shutdown()
+        cluster.shutdown()  # kills the actors only if this command launched them
     return 0
 
 
@@ -211,8 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.set_defaults(func=_demo)
 
-    serve = sub.add_parser("serve", help="bring the cluster up; JSON-lines requests on stdin")
-    serve.add_argument("--config", help="cluster YAML/JSON")
+    serve = sub.add_parser(
+        "serve",
+        help="bring the cluster up (or attach to its running actors) and serve the "
+        "OpenAI-compatible HTTP API through Ray Serve until interrupted",
+    )
+    serve.add_argument("--config", help="cluster YAML/JSON (its http: section sizes the server)")
+    serve.add_argument("--host", help="address to listen on (default: http.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: http.port, 8000)")
+    serve.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer <key>' on /v1 routes (default: ${API_KEY_ENV}, "
+        "else no key)",
+    )
+    serve.add_argument(
+        "--stdin",
+        action="store_true",
+        help="instead of HTTP: JSON-lines requests on stdin, one reply line each on stdout",
+    )
     serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="complete a prompt with one local engine, streaming")

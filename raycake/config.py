@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raycake.cluster.config import ClusterConfig, TelemetryConfig
+from raycake.cluster.config import ClusterConfig, HttpConfig, TelemetryConfig
 from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from raycake.engine.spec.config import SpeculativeConfig
 from raycake.model.config import ModelConfig, MoEConfig, RopeScaling
@@ -26,6 +26,7 @@ __all__ = [
     "ClusterConfig",
     "EagleTrainConfig",
     "EngineConfig",
+    "HttpConfig",
     "MoEConfig",
     "ModelConfig",
     "RopeScaling",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -29,28 +28,36 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayError
 
-from raycake.actors.conductor import Conductor
-from raycake.actors.decode import DecodeInstance
-from raycake.actors.kv_store import KVStoreShard, replica_shard
 from raycake.actors.messages import DecodeWork, PrefillResult, PrefillWork
-from raycake.actors.prefill import PrefillInstance
 from raycake.cluster.admission import ModelLimits, check_request
 from raycake.cluster.config import ClusterConfig
+from raycake.cluster.deployment import attach_deployment, launch_deployment, running_cluster_address
 from raycake.engine.kv_cache import block_hashes_for
-from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.engine.sampling_params import SamplingParams
-from raycake.model.config import ModelConfig
-from raycake.model.loader import DTYPES, read_model_config, resolve_model_path
+from raycake.model.loader import read_model_config, resolve_model_path
 from raycake.model.tokenizer import Tokenizer
 from raycake.policies.scheduling import Rejection
 from raycake.telemetry import ClusterMetrics, Telemetry
 from raycake.transfer.base import KVLostError
-from raycake.transfer.ray_direct import RAY_DIRECT_ACTOR_OPTIONS, connect_ray_direct
+from raycake.validation import check_number
 
 # How long a retry waits for a restarting instance (its engine loads and calibrates).
 INSTANCE_RESTART_TIMEOUT_S = 60.0
 # Faults a retry can cure: the actor died or restarts, or what it published died with it.
 RETRYABLE_FAULTS = (RayActorError, ObjectLostError, KVLostError)
+
+
+@dataclass(frozen=True)
+class _RequestSLO:
+    """One request's SLOs for the conductor; None: the configured ones."""
+
+    ttft_s: float | None = None
+    tbt_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("ttft_slo_s", self.ttft_s), ("tbt_slo_s", self.tbt_s)):
+            if value is not None:
+                check_number(name, value, low=0, low_exclusive=True)
 
 
 class ReplayMismatch(RuntimeError):
@@ -81,18 +88,6 @@ class ClusterOutput:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
 
-def _actor_options(config: ClusterConfig, name: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": config.namespace,
-        "num_cpus": config.instance_num_cpus,
-        "num_gpus": config.instance_num_gpus,
-        "resources": dict(config.instance_resources),
-        "max_restarts": config.actor_max_restarts,
-        **extra,
-    }
-
-
 class Cluster:
     """The driver's handle on a running raycake deployment."""
 
@@ -114,114 +109,20 @@ class Cluster:
 
         if not ray.is_initialized():
             # Join a running cluster (ray start, KubeRay, ray job submit) when there is one.
-            address = config.ray_address or _running_cluster_address()
+            address = config.ray_address or running_cluster_address()
             ray.init(address=address, namespace=config.namespace)
         self.metrics = ClusterMetrics()
         self.owns_actors = not attach  # only the launching driver shuts the actors down
-        if attach:
-            self._attach()
-        else:
-            self._launch(model_config)
-
-    def _attach(self) -> None:
-        config = self.config
-
-        def actor(name: str):
-            return ray.get_actor(name, namespace=config.namespace)
-
-        self.store_shards = [actor(f"raycake-kv-store-{i}") for i in range(config.num_store_shards)]
-        self.prefill = {
-            f"prefill-{i}": actor(f"raycake-prefill-{i}") for i in range(config.num_prefill)
-        }
-        self.decode = {
-            f"decode-{i}": actor(f"raycake-decode-{i}") for i in range(config.num_decode)
-        }
-        self.conductor = actor("raycake-conductor")
-        self._rdt_coordinator = None
-
-    def _launch(self, model_config: ModelConfig) -> None:
-        config = self.config
-        self.store_shards = [
-            ray.remote(KVStoreShard)
-            .options(**_actor_options(config, f"raycake-kv-store-{i}", num_cpus=0))
-            .remote(i, config.store_capacity_bytes, "lru", config.store_replicate_after_reads)
-            for i in range(config.num_store_shards)
-        ]
-        if config.store_replicate_after_reads is not None and len(self.store_shards) > 1:
-            n = len(self.store_shards)
-            ray.get(
-                [
-                    s.connect_replica.remote(self.store_shards[replica_shard(i, n)])
-                    for i, s in enumerate(self.store_shards)
-                ]
-            )
-        direct = config.transfer_backend == "ray_direct"
-        # The instances compose RayDirectKVEndpoint, whose methods name concurrency groups;
-        # Ray Direct Transport also needs tensor transport enabled on the class.
-        class_options = dict(RAY_DIRECT_ACTOR_OPTIONS)
-        if not direct:
-            del class_options["enable_tensor_transport"]
-        prefill_cls = ray.remote(**class_options)(PrefillInstance)
-        decode_cls = ray.remote(**class_options)(DecodeInstance)
-        self.prefill = {
-            f"prefill-{i}": prefill_cls.options(
-                **_actor_options(config, f"raycake-prefill-{i}")
-            ).remote(
-                f"prefill-{i}",
-                config.engine,
-                config.transfer_backend,
-                self.store_shards,
-                config.telemetry,
-            )
-            for i in range(config.num_prefill)
-        }
-        self.decode = {
-            f"decode-{i}": decode_cls.options(
-                **_actor_options(config, f"raycake-decode-{i}")
-            ).remote(
-                f"decode-{i}",
-                config.engine,
-                config.transfer_backend,
-                config.telemetry,
-            )
-            for i in range(config.num_decode)
-        }
-        prefill_loads = ray.get([a.load.remote() for a in self.prefill.values()])
-        self._rdt_coordinator = None
-        if direct:
-            self._rdt_coordinator = connect_ray_direct(
-                [*self.prefill.values(), *self.decode.values()]
-            )
-        decode_loads = ray.get([a.load.remote() for a in self.decode.values()])
-        block_bytes = kv_cache_bytes_per_block(
-            model_config, self.block_size, DTYPES[config.engine.dtype]
+        deployment = (
+            attach_deployment(config)
+            if attach
+            else launch_deployment(config, model_config, self.limits.max_model_len)
         )
-        store_blocks = config.num_store_shards * config.store_capacity_bytes // block_bytes
-        # Restarted like every actor; its calls are retried across a restart (they are safe to
-        # repeat: a schedule that never returned reserved nothing a restarted conductor knows).
-        self.conductor = (
-            ray.remote(Conductor)
-            .options(
-                name="raycake-conductor",
-                namespace=config.namespace,
-                num_cpus=0,
-                max_restarts=config.actor_max_restarts,
-                max_task_retries=-1,
-            )
-            .remote(
-                config.scheduling,
-                prefill_loads,
-                decode_loads,
-                self.block_size,
-                block_bytes,
-                store_blocks if config.scheduling.use_store else 0,
-                config.transfer_bandwidth_bytes_per_s,
-                max_model_len=self.limits.max_model_len,
-                instances={**self.prefill, **self.decode},
-                store_shards=self.store_shards if config.scheduling.use_store else [],
-            )
-        )
-        ray.get(self.conductor.ready.remote())
+        self.store_shards = deployment.store_shards
+        self.prefill = deployment.prefill
+        self.decode = deployment.decode
+        self.conductor = deployment.conductor
+        self._rdt_coordinator = deployment.rdt_coordinator
 
     @classmethod
     def from_config(cls, config: ClusterConfig | str) -> Cluster:
@@ -268,21 +169,38 @@ class Cluster:
 
         return asyncio.run(run_all())
 
-    async def agenerate(self, prompt: str | list[int], params: SamplingParams) -> ClusterOutput:
+    async def agenerate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
+    ) -> ClusterOutput:
         """One request to the end, as a coroutine (many run concurrently in one event loop)."""
         final = None
-        async with contextlib.aclosing(self.astream(prompt, params)) as stream:
+        stream = self.astream(prompt, params, ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s)
+        async with contextlib.aclosing(stream):
             async for update in stream:
                 final = update
         assert final is not None
         return final
 
     async def astream(
-        self, prompt: str | list[int], params: SamplingParams
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
     ) -> AsyncIterator[ClusterOutput]:
         """Yield the request's output each time it grows; the last one is final (its
-        ``finish_reason`` is set). Closing the stream early cancels the request everywhere."""
+        ``finish_reason`` is set). Closing the stream early cancels the request everywhere.
+
+        ``ttft_slo_s`` / ``tbt_slo_s``: this request's SLOs, in place of the configured ones
+        (the conductor rejects it early when no pair of instances is predicted to meet them)."""
         token_ids = self.check_request(prompt, params)
+        slo = _RequestSLO(ttft_slo_s, tbt_slo_s)
         out = ClusterOutput(request_id=f"cluster-{next(self._ids)}", prompt_token_ids=token_ids)
         started = time.monotonic()
         hashes = block_hashes_for(token_ids, self.block_size)
@@ -292,7 +210,7 @@ class Cluster:
                 out.attempts = attempt + 1
                 try:
                     async with contextlib.aclosing(
-                        self._attempt(out, hashes, params, started, trace, delivered)
+                        self._attempt(out, hashes, params, slo, started, trace, delivered)
                     ) as updates:
                         async for update in updates:
                             delivered = len(update.token_ids)
@@ -331,6 +249,7 @@ class Cluster:
         out: ClusterOutput,
         hashes: list[bytes],
         params: SamplingParams,
+        slo: _RequestSLO,
         started: float,
         trace: dict[str, str],
         known: int,
@@ -338,7 +257,7 @@ class Cluster:
         """One try; ``known`` tokens were delivered by earlier tries (a replay must match)."""
         try:
             async with contextlib.aclosing(
-                self._scheduled_attempt(out, hashes, params, started, trace, known)
+                self._scheduled_attempt(out, hashes, params, slo, started, trace, known)
             ) as updates:
                 async for update in updates:
                     yield update
@@ -350,13 +269,19 @@ class Cluster:
         out: ClusterOutput,
         hashes: list[bytes],
         params: SamplingParams,
+        slo: _RequestSLO,
         started: float,
         trace: dict[str, str],
         known: int,
     ) -> AsyncIterator[ClusterOutput]:
         with self.telemetry.span("conductor", trace, request_id=out.request_id):
             decision = await self.conductor.schedule.remote(
-                out.request_id, hashes, len(out.prompt_token_ids), params.max_tokens
+                out.request_id,
+                hashes,
+                len(out.prompt_token_ids),
+                params.max_tokens,
+                slo.ttft_s,
+                slo.tbt_s,
             )
         if isinstance(decision, Rejection):
             out.finish_reason, out.error = "rejected", decision.reason
@@ -527,19 +452,6 @@ class Cluster:
             self.conductor,
         ]:
             ray.kill(actor)
-
-
-def _running_cluster_address() -> str | None:
-    """ "auto" when a Ray cluster is reachable (RAY_ADDRESS set, or `ray start` ran), else None:
-    ``ray.init`` then starts a local one."""
-    if os.environ.get("RAY_ADDRESS"):
-        return "auto"
-    try:
-        ray.init(address="auto", namespace="raycake-probe")
-    except (ConnectionError, RuntimeError):
-        return None
-    ray.shutdown()
-    return "auto"
 
 
 def _replayable(params: SamplingParams) -> bool:

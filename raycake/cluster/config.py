@@ -1,6 +1,6 @@
 """A disaggregated deployment's configuration: instance counts, KV store shards, the transfer
 backend, placement, restarts and retries; it composes the engine's, the conductor's scheduling
-policy's and telemetry's."""
+policy's, telemetry's and the HTTP server's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Any
 
 from raycake.engine.config import EngineConfig
 from raycake.policies.scheduling_config import SchedulingConfig
-from raycake.validation import check_positive_int, from_mapping, read_mapping, require
+from raycake.validation import (
+    check_int,
+    check_number,
+    check_positive_int,
+    from_mapping,
+    read_mapping,
+    require,
+)
 
 TRANSFER_BACKENDS = ("mooncake", "object_store", "ray_direct")
 TELEMETRY_EXPORTERS = ("none", "console", "memory", "otlp")
@@ -34,6 +41,94 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP server (``raycake serve``): a Ray Serve ingress whose replicas
+    are stateless drivers over the deployment's named actors."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    # Fixed replica count; None: 1, or what ``autoscaling_config`` decides.
+    num_replicas: int | None = None
+    # Ray Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests...).
+    autoscaling_config: dict[str, Any] | None = None
+    # Requests one replica handles at once (Serve's default of 5 would queue streaming clients).
+    max_ongoing_requests: int = 256
+    # CPUs each replica reserves: 0 by default, since a replica mostly waits on the instances
+    # and must not take the CPUs the instances were sized for.
+    num_cpus: float = 0.0
+    # The model id clients send; None: engine.model.
+    served_model_name: str | None = None
+    # Bearer key checked on every /v1 route; None: no key (the default host is loopback).
+    # Never printed: the dataclass repr leaves it out.
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.host, str) and bool(self.host), "http.host", "a host name", self.host
+        )
+        check_int("http.port", self.port, low=1, high=65535)
+        require(
+            isinstance(self.route_prefix, str) and self.route_prefix.startswith("/"),
+            "http.route_prefix",
+            "a path starting with '/'",
+            self.route_prefix,
+        )
+        if self.num_replicas is not None:
+            check_positive_int("http.num_replicas", self.num_replicas)
+        if self.autoscaling_config is not None:
+            require(
+                isinstance(self.autoscaling_config, dict),
+                "http.autoscaling_config",
+                "a mapping of Ray Serve autoscaling options, or null",
+                self.autoscaling_config,
+            )
+            require(
+                self.num_replicas is None,
+                "http.num_replicas",
+                "null when http.autoscaling_config is set (the autoscaler picks the count)",
+                self.num_replicas,
+            )
+            _check_autoscaling_config(self.autoscaling_config)
+        check_positive_int("http.max_ongoing_requests", self.max_ongoing_requests)
+        check_number("http.num_cpus", self.num_cpus, low=0)
+        if self.served_model_name is not None:
+            require(
+                isinstance(self.served_model_name, str) and bool(self.served_model_name),
+                "http.served_model_name",
+                "a non-empty string, or null for engine.model",
+                self.served_model_name,
+            )
+        if self.api_key is not None:
+            # The key itself is never echoed in the message.
+            require(
+                isinstance(self.api_key, str) and bool(self.api_key.strip()),
+                "http.api_key",
+                "a non-empty string, or null for no key",
+                "<redacted>" if isinstance(self.api_key, str) else type(self.api_key).__name__,
+            )
+
+
+def _check_autoscaling_config(options: dict[str, Any]) -> None:
+    """Ray Serve's own model checks the options now, not when the app is deployed."""
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    known = set(AutoscalingConfig.model_fields)
+    unknown = sorted(set(options) - known)
+    require(not unknown, "http.autoscaling_config", f"keys among {sorted(known)}", unknown)
+    try:
+        AutoscalingConfig(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        suffix = f".{where}" if where else ""
+        raise ValueError(
+            f"http.autoscaling_config{suffix}: {first['msg'].lower()}, got {first.get('input')!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """A disaggregated deployment: prefill and decode instances, KV store shards, a conductor."""
 
@@ -49,6 +144,7 @@ class ClusterConfig:
     transfer_bandwidth_bytes_per_s: float = 2e9
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     # Placement: GPUs per instance on a GPU cluster; on CPU a custom resource the autoscaler
     # can provide (e.g. {"raycake_instance": 1}).
     instance_num_gpus: float = 0.0
@@ -102,6 +198,7 @@ class ClusterConfig:
             "engine": EngineConfig,
             "scheduling": SchedulingConfig,
             "telemetry": TelemetryConfig,
+            "http": HttpConfig,
         }
         return from_mapping(cls, data, "cluster config", nested)
 

@@ -24,6 +24,19 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Written beside tokenizer_config.json by recent transformers; it wins over the config's template.
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# The embedded models were trained on Python source, not on chats, and ship no template. Theirs
+# renders a conversation as one source file the model can continue: system messages become
+# comment lines, every other message is its text, one after the other; the model's answer is
+# whatever follows (no generation prompt: there is no marker it was trained to answer after).
+EMBEDDED_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ '# ' + message['content'] | replace('\\n', '\\n# ') + '\\n' }}"
+    "{% else %}"
+    "{{ message['content'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -139,6 +152,8 @@ class Tokenizer:
             chat_template: str | None = template_file.read_text(encoding="utf-8")
         else:
             chat_template = _default_chat_template(config.get("chat_template"))
+        if chat_template is None and _is_embedded_model(model_dir):
+            chat_template = EMBEDDED_CHAT_TEMPLATE
         return cls(
             tokenizer,
             bos_token=_token_content(config.get("bos_token")),
@@ -206,6 +221,15 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template: {exc}") from exc
+
+
+def _is_embedded_model(model_dir: Path) -> bool:
+    """One of the models shipped in ``raycake/assets`` (any other folder keeps its own template,
+    or has none: a checkpoint's chat format is not something to guess)."""
+    from raycake.assets import EMBEDDED_MODELS
+
+    here = model_dir.resolve()
+    return any(here == path.resolve() for path in EMBEDDED_MODELS.values())
 
 
 def _validate_messages(messages: Any) -> None:

@@ -41,9 +41,7 @@ def test_acceptance_in_the_cluster_matches_the_single_engine(ray_session):  # no
     cluster_acceptance = emitted / (after.num_verify_steps - before.num_verify_steps)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in single]
     assert single_stats.mean_acceptance_length > 2.0  # the shipped head drafts well here
-    assert cluster_acceptance == pytest.approx(
-        single_stats.mean_acceptance_length, rel=0.05
-    )
+    assert cluster_acceptance == pytest.approx(single_stats.mean_acceptance_length, rel=0.05)
 
 
 pytestmark = pytest.mark.slow
