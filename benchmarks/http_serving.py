@@ -58,6 +58,18 @@ class Timed:
     ttft_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    last: float | None = None  # when the latest text arrived
+
+    def add_text(self, text: str) -> None:
+        """Text arrived now: the first piece sets TTFT, each later one adds a gap."""
+        now = time.perf_counter()
+        if self.last is None:
+            self.ttft_s = now - self.started
+        else:
+            self.gaps_s.append(now - self.last)
+        self.last = now
+        self.text += text
 
 
 Requester = Callable[[str, int], Awaitable[Timed]]
@@ -72,16 +84,11 @@ def _python_requester(cluster: Cluster, max_tokens: int) -> Requester:
             max_tokens=max_tokens,
             ignore_eos=True,
         )
-        timed, started, last = Timed(), time.perf_counter(), None
+        timed = Timed()
         async with contextlib.aclosing(cluster.astream(prompt, params)) as stream:
             async for out in stream:
                 if len(out.text) > len(timed.text):
-                    now = time.perf_counter()
-                    if last is None:
-                        timed.ttft_s = now - started
-                    else:
-                        timed.gaps_s.append(now - last)
-                    last, timed.text = now, out.text
+                    timed.add_text(out.text[len(timed.text) :])
                 timed.num_tokens, timed.finish_reason = len(out.token_ids), out.finish_reason
         return timed
 
@@ -93,7 +100,7 @@ def _raw_requester(session, url: str, model: str, max_tokens: int) -> Requester:
     with the server, it takes less of the CPU the server measured here needs."""
 
     async def request(prompt: str, seed: int) -> Timed:
-        timed, started, last = Timed(), time.perf_counter(), None
+        timed = Timed()
         body = {
             "model": model,
             "prompt": prompt,
@@ -115,13 +122,7 @@ def _raw_requester(session, url: str, model: str, max_tokens: int) -> Requester:
                     timed.num_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk["choices"]:
                     if choice["text"]:
-                        now = time.perf_counter()
-                        if last is None:
-                            timed.ttft_s = now - started
-                        else:
-                            timed.gaps_s.append(now - last)
-                        last = now
-                        timed.text += choice["text"]
+                        timed.add_text(choice["text"])
                     timed.finish_reason = choice["finish_reason"] or timed.finish_reason
         return timed
 
@@ -130,7 +131,7 @@ def _raw_requester(session, url: str, model: str, max_tokens: int) -> Requester:
 
 def _openai_requester(client, model: str, max_tokens: int) -> Requester:
     async def request(prompt: str, seed: int) -> Timed:
-        timed, started, last = Timed(), time.perf_counter(), None
+        timed = Timed()
         stream = await client.completions.create(
             model=model,
             prompt=prompt,
@@ -149,13 +150,7 @@ def _openai_requester(client, model: str, max_tokens: int) -> Requester:
                 continue
             choice = chunk.choices[0]
             if choice.text:
-                now = time.perf_counter()
-                if last is None:
-                    timed.ttft_s = now - started
-                else:
-                    timed.gaps_s.append(now - last)
-                last = now
-                timed.text += choice.text
+                timed.add_text(choice.text)
             timed.finish_reason = choice.finish_reason or timed.finish_reason
         return timed
 

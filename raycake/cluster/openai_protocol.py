@@ -328,30 +328,29 @@ def chat_response(
 def completion_chunk(
     meta: ResponseMeta, index: int, text: str, reason: str | None, with_usage: bool
 ) -> dict[str, Any]:
-    chunk = {
-        "id": meta.id,
-        "object": "text_completion",
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
-    }
-    if with_usage:
-        chunk["usage"] = None  # OpenAI: every chunk but the last carries a null usage
-    return chunk
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    return _chunk(meta, "text_completion", choice, with_usage)
 
 
 def chat_chunk(
     meta: ResponseMeta, index: int, delta: dict[str, str], reason: str | None, with_usage: bool
 ) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return _chunk(meta, "chat.completion.chunk", choice, with_usage)
+
+
+def _chunk(
+    meta: ResponseMeta, kind: str, choice: dict[str, Any], with_usage: bool
+) -> dict[str, Any]:
     chunk = {
         "id": meta.id,
-        "object": "chat.completion.chunk",
+        "object": kind,
         "created": meta.created,
         "model": meta.model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}],
+        "choices": [choice],
     }
     if with_usage:
-        chunk["usage"] = None
+        chunk["usage"] = None  # OpenAI: every chunk but the last carries a null usage
     return chunk
 
 
