@@ -24,7 +24,7 @@ class DecodeInstance(EngineInstance):
     async def generate(self, work: DecodeWork) -> AsyncIterator[StreamDelta]:
         """Fetch the prompt's KV, join the running batch, stream deltas until finished."""
         with self.telemetry.span("transfer", work.trace_context, instance=self.instance_id):
-            fetched = await asyncio.to_thread(self.transfer.fetch, work.kv_handle)
+            fetched = await self.in_transfer_thread(self.transfer.fetch, work.kv_handle)
         # The blocks are registered in this instance's prefix cache under the prompt's hashes:
         # they must be the hashes the prefill instance sent (checked before any waiting).
         block_hashes = list(work.kv_handle.kv_header().block_hashes)

@@ -3,6 +3,11 @@ transfer backend, telemetry, and a cost model calibrated at start-up."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from raycake.actors.calibration import calibrate
 from raycake.actors.engine_loop import EngineLoop
 from raycake.actors.expert_shard import enable_expert_parallelism
@@ -15,6 +20,8 @@ from raycake.policies.step_cost_model import StepCostModel
 from raycake.telemetry import InstanceMetrics, Telemetry
 from raycake.transfer import make_kv_transfer
 from raycake.transfer.ray_direct import RayDirectKVEndpoint, transfer_options
+
+T = TypeVar("T")
 
 
 class EngineInstance(RayDirectKVEndpoint):
@@ -39,9 +46,21 @@ class EngineInstance(RayDirectKVEndpoint):
         self.transfer = make_kv_transfer(
             transfer_backend, **transfer_options(transfer_backend, self)
         )
+        # NOTE: a KVTransfer is not thread-safe (mooncake's engine allocates from one buffer):
+        # its calls run off the event loop, one at a time, under this lock.
+        self._transfer_lock = threading.Lock()
         self.telemetry = Telemetry(telemetry or TelemetryConfig(), instance_id)
         self.cost_model = calibrate(self.engine)  # before the engine thread starts
         self.loop = EngineLoop(self.engine, on_step=self.metrics.record, name=instance_id)
+
+    async def in_transfer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a call on ``self.transfer``) on a worker thread, one at a time."""
+
+        def locked() -> T:
+            with self._transfer_lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
 
     def ready(self) -> str:
         """A health ping: answered at once, even while a step runs."""

@@ -91,7 +91,7 @@ class PrefillInstance(EngineInstance):
             )
             handle = None
             if not finish:
-                handle = await asyncio.to_thread(self.transfer.publish, header, payload)
+                handle = await self.in_transfer_thread(self.transfer.publish, header, payload)
             if self.store_shards and exported.block_hashes:
                 # Off the request's critical path: the export is a copy, free to outlive it.
                 task = asyncio.get_running_loop().create_task(
@@ -213,9 +213,9 @@ class PrefillInstance(EngineInstance):
                 puts.append(self.store_shards[shard].put.remote(blocks))
         await asyncio.gather(*puts, return_exceptions=True)
 
-    def release(self, handle: KVHandle) -> None:
+    async def release(self, handle: KVHandle) -> None:
         """The decode instance has the KV (or the request is over): free the published copy."""
-        self.transfer.release(handle)
+        await self.in_transfer_thread(self.transfer.release, handle)
 
     async def reset_prefix_cache(self) -> None:
         """Forget locally cached blocks, once the KV store holds every block published."""
