@@ -33,7 +33,7 @@ class DecodeInstance(EngineInstance):
         )
         queue = self.loop.subscribe(work.request_id)
         try:
-            await self._admit(work, fetched, block_hashes)
+            await self._admit(work, fetched)
             with self.telemetry.span("decode", work.trace_context, instance=self.instance_id):
                 while True:
                     delta = await queue.get()
@@ -47,11 +47,10 @@ class DecodeInstance(EngineInstance):
             # request must not stay in the engine holding blocks.
             await asyncio.shield(self.loop.unsubscribe(work.request_id))
 
-    async def _admit(
-        self, work: DecodeWork, fetched: UnpackedKV, block_hashes: list[bytes]
-    ) -> None:
+    async def _admit(self, work: DecodeWork, fetched: UnpackedKV) -> None:
         """Add the request once its blocks fit; the conductor reserved them, so waits are short.
-        A request that can never fit (beyond max_model_len or the whole pool) raises at once."""
+        A request that can never fit (beyond max_model_len or the whole pool) raises at once.
+        The block hashes were checked once, before: a retry does not hash the prompt again."""
         deadline = asyncio.get_running_loop().time() + ADMISSION_TIMEOUT_S
         while not await self.loop.call(
             self.engine.add_prefilled_request,
@@ -61,7 +60,6 @@ class DecodeInstance(EngineInstance):
             work.sampling_params,
             fetched.kv,
             features=fetched.features,
-            block_hashes=block_hashes,
         ):
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(

@@ -27,20 +27,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
-def sample(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator],
-) -> list[int]:
-    """Pick one token per row of ``logits`` [N, V] (fp32) under that row's parameters; raise
-    the first row's error if any row fails (``sample_rows`` keeps the rows apart)."""
-    tokens = sample_rows(logits, params, generators)
-    for token in tokens:
-        if isinstance(token, SampleError):
-            raise RuntimeError(token.message)
-    return tokens  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
 class SampleError:
     """Why one row could not be sampled (its request fails; the other rows are unaffected)."""
