@@ -55,6 +55,11 @@ def check_int(
     raise ValueError(f"{field_name}: expected {expected}, got {value!r}")
 
 
+def check_count(field_name: str, value: Any, minimum: int = 0) -> None:
+    """An integer (not a bool) of at least ``minimum``: "<field>: expected an integer >= N"."""
+    require(is_count(value, minimum), field_name, f"an integer >= {minimum}", value)
+
+
 def check_positive_int(field_name: str, value: Any) -> None:
     check_int(field_name, value, low=1)
 

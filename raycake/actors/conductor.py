@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raycake.actors.messages import InstanceLoad
+from raycake.policies.cluster_view import routable_instances
 from raycake.policies.scheduling import (
     ClusterView,
     DecodeInstanceView,
@@ -185,12 +186,6 @@ class Conductor:
             if instance_id in self._prefill_index:
                 self._prefill_index[instance_id].clear()
 
-    def _available(self, instance_ids: list[str]) -> list[str]:
-        """The instances not reported down; all of them when every one is (a request then waits
-        for a restart in the instance's queue rather than failing)."""
-        up = [iid for iid in instance_ids if iid not in self._unavailable]
-        return up or instance_ids
-
     def schedule(
         self,
         request_id: str,
@@ -211,8 +206,8 @@ class Conductor:
                 predicted_ttft_s=0.0,
                 predicted_tbt_s=None,
             )
-        prefill_ids = self._available(list(self._prefill_index))
-        decode_ids = self._available(list(self._decode))
+        prefill_ids = routable_instances(list(self._prefill_index), self._unavailable)
+        decode_ids = routable_instances(list(self._decode), self._unavailable)
         store_prefix = self._store_index.prefix_length(block_hashes) if self._store_index else 0
         request = RequestView(
             request_id=request_id,

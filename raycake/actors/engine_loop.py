@@ -123,7 +123,11 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while not self._stopped and not self._calls and not self._has_work():
+                while (
+                    not self._stopped
+                    and not self._calls
+                    and not self.engine.has_unfinished_requests()
+                ):
                     self._wakeup.wait()
                 if self._stopped:
                     calls, self._calls = list(self._calls), deque()
@@ -137,11 +141,8 @@ class EngineLoop:
                         pending.future.set_result(pending.fn())
                     except BaseException as exc:  # delivered to the awaiting coroutine
                         pending.future.set_exception(exc)
-            if self._has_work():
+            if self.engine.has_unfinished_requests():
                 self._step()
-
-    def _has_work(self) -> bool:
-        return self.engine.has_unfinished_requests()
 
     def _step(self) -> None:
         try:

@@ -156,15 +156,17 @@ class Cluster:
         )
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
+        token_lists = []
         for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True)):
             try:
-                self.check_request(prompt, sp)
+                token_lists.append(self.check_request(prompt, sp))
             except ValueError as exc:
                 raise ValueError(f"prompts[{i}]: {exc}") from None
 
         async def run_all() -> list[ClusterOutput]:
+            # The checked token ids go on, so no prompt is tokenized twice.
             return await asyncio.gather(
-                *(self.agenerate(p, sp) for p, sp in zip(prompts, params_list, strict=True))
+                *(self.agenerate(ids, sp) for ids, sp in zip(token_lists, params_list, strict=True))
             )
 
         return asyncio.run(run_all())

@@ -117,12 +117,12 @@ class JsonLinesServer:
                 raise
             if request_id is not None:
                 key["id"] = request_id
-            self.cluster.check_request(prompt, params)
+            token_ids = self.cluster.check_request(prompt, params)
         except ValueError as exc:
             self._write(error_reply(key, "invalid_request", str(exc)))
             return
         try:
-            out = await self.cluster.agenerate(prompt, params)
+            out = await self.cluster.agenerate(token_ids, params)  # tokenized once
             reply = result_reply(key, out)
         except Exception as exc:  # a fault the cluster did not turn into an output
             reply = error_reply(key, "internal", f"{type(exc).__name__}: {exc}")

@@ -22,9 +22,9 @@ from raycake.policies.cluster_view import (
     PrefillInstanceView,
     RequestView,
     ScheduleDecision,
-    require_field,
 )
 from raycake.policies.estimates import QueuedPrefixBooks, decide_without_store
+from raycake.validation import require
 
 # sgl-router's max_tree_size is 67,108,864 characters per worker; at about 4 characters per token
 # that is 16.8M tokens, i.e. 32,768 blocks of 512 tokens (Mooncake's trace block).
@@ -48,7 +48,7 @@ class ApproximatePrefixTree:
     """
 
     def __init__(self, max_blocks: int) -> None:
-        require_field(
+        require(
             isinstance(max_blocks, int) and not isinstance(max_blocks, bool) and max_blocks >= 1,
             "max_tree_blocks",
             "an integer >= 1",
@@ -113,13 +113,13 @@ class SGLangCacheAwareRouter:
         balance_rel_threshold: float = 1.5,
         max_tree_blocks: int = DEFAULT_MAX_TREE_BLOCKS,
     ) -> None:
-        require_field(
+        require(
             _is_number(cache_threshold) and 0.0 <= cache_threshold <= 1.0,
             "cache_threshold",
             "a number in [0, 1]",
             cache_threshold,
         )
-        require_field(
+        require(
             isinstance(balance_abs_threshold, int)
             and not isinstance(balance_abs_threshold, bool)
             and balance_abs_threshold >= 0,
@@ -127,7 +127,7 @@ class SGLangCacheAwareRouter:
             "an integer >= 0",
             balance_abs_threshold,
         )
-        require_field(
+        require(
             _is_number(balance_rel_threshold) and balance_rel_threshold >= 1.0,
             "balance_rel_threshold",
             "a finite number >= 1.0",
@@ -209,7 +209,7 @@ class DynamoKvRouter:
     name = "dynamo_kv"
 
     def __init__(self, *, overlap_score_weight: float = 1.0, seed: int = 0) -> None:
-        require_field(
+        require(
             _is_number(overlap_score_weight) and overlap_score_weight >= 0,
             "overlap_score_weight",
             "a finite number >= 0",

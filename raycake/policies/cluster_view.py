@@ -3,28 +3,21 @@ it returns. Pure data, validated on construction; shared by the conductor and th
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from raycake.policies.step_cost_model import StepCostModel
+from raycake.validation import check_count, check_number, require
+
+# --- Which instances a decision may use ------------------------------------------------------
 
 
-def require_field(condition: bool, field_name: str, expected: str, got: Any) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
-
-
-def _count(field_name: str, value: Any, minimum: int = 0) -> None:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    require_field(is_int and value >= minimum, field_name, f"an integer >= {minimum}", value)
-
-
-def _finite_number(field_name: str, value: Any, *, allow_zero: bool) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = is_number and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    require_field(ok, field_name, "a finite number " + (">= 0" if allow_zero else "> 0"), value)
+def routable_instances(instance_ids: Sequence[str], unavailable: Collection[str]) -> list[str]:
+    """The instances a request may be sent to: those not reported down, or every one when all
+    are (the request then waits in a restarting instance's queue rather than failing)."""
+    up = [iid for iid in instance_ids if iid not in unavailable]
+    return up or list(instance_ids)
 
 
 # --- What a policy sees -----------------------------------------------------------------------
@@ -42,12 +35,10 @@ class PrefillInstanceView:
 
     def __post_init__(self) -> None:
         where = f"prefill instance {self.instance_id!r}"
-        _finite_number(
-            f"{where}.queued_prefill_seconds", self.queued_prefill_seconds, allow_zero=True
-        )
-        _count(f"{where}.num_queued", self.num_queued)
-        _count(f"{where}.cached_prefix_blocks", self.cached_prefix_blocks)
-        require_field(
+        check_number(f"{where}.queued_prefill_seconds", self.queued_prefill_seconds, low=0)
+        check_count(f"{where}.num_queued", self.num_queued)
+        check_count(f"{where}.cached_prefix_blocks", self.cached_prefix_blocks)
+        require(
             isinstance(self.cost_model, StepCostModel),
             f"{where}.cost_model",
             "a StepCostModel",
@@ -72,19 +63,22 @@ class DecodeInstanceView:
 
     def __post_init__(self) -> None:
         where = f"decode instance {self.instance_id!r}"
-        _count(f"{where}.num_running", self.num_running)
-        _count(f"{where}.max_num_seqs", self.max_num_seqs, minimum=1)
-        _count(f"{where}.total_context_tokens", self.total_context_tokens)
-        _count(f"{where}.free_kv_blocks", self.free_kv_blocks)
-        require_field(
+        check_count(f"{where}.num_running", self.num_running)
+        check_count(f"{where}.max_num_seqs", self.max_num_seqs, minimum=1)
+        check_count(f"{where}.total_context_tokens", self.total_context_tokens)
+        check_count(f"{where}.free_kv_blocks", self.free_kv_blocks)
+        require(
             isinstance(self.cost_model, StepCostModel),
             f"{where}.cost_model",
             "a StepCostModel",
             self.cost_model,
         )
         if self.mean_remaining_tokens is not None:
-            _finite_number(
-                f"{where}.mean_remaining_tokens", self.mean_remaining_tokens, allow_zero=False
+            check_number(
+                f"{where}.mean_remaining_tokens",
+                self.mean_remaining_tokens,
+                low=0,
+                low_exclusive=True,
             )
 
 
@@ -110,23 +104,23 @@ class RequestView:
 
     def __post_init__(self) -> None:
         where = f"request {self.request_id!r}"
-        _count(f"{where}.num_prompt_tokens", self.num_prompt_tokens, minimum=1)
-        _count(f"{where}.block_size", self.block_size, minimum=1)
-        _count(f"{where}.max_tokens", self.max_tokens, minimum=1)
-        _count(f"{where}.store_prefix_blocks", self.store_prefix_blocks)
-        _count(f"{where}.store_block_bytes", self.store_block_bytes)
+        check_count(f"{where}.num_prompt_tokens", self.num_prompt_tokens, minimum=1)
+        check_count(f"{where}.block_size", self.block_size, minimum=1)
+        check_count(f"{where}.max_tokens", self.max_tokens, minimum=1)
+        check_count(f"{where}.store_prefix_blocks", self.store_prefix_blocks)
+        check_count(f"{where}.store_block_bytes", self.store_block_bytes)
         for name in ("ttft_slo_s", "tbt_slo_s"):
             if getattr(self, name) is not None:
-                _finite_number(f"{where}.{name}", getattr(self, name), allow_zero=False)
+                check_number(f"{where}.{name}", getattr(self, name), low=0, low_exclusive=True)
         hashes = self.prefix_hashes
-        require_field(
+        require(
             isinstance(hashes, tuple)
             and all(isinstance(h, int) and not isinstance(h, bool) for h in hashes),
             f"{where}.prefix_hashes",
             "a tuple of integers",
             hashes if not isinstance(hashes, tuple) else [h for h in hashes if type(h) is not int],
         )
-        require_field(
+        require(
             len(hashes) <= self.num_prompt_blocks + 1,
             f"{where}.prefix_hashes",
             f"at most num_prompt_blocks + 1 = {self.num_prompt_blocks + 1} hashes "
@@ -161,15 +155,14 @@ class ClusterView:
     def __post_init__(self) -> None:
         for name in ("prefill", "decode"):
             instances = getattr(self, name)
-            require_field(
-                len(instances) > 0, f"cluster.{name}", f"at least one {name} instance", []
-            )
+            require(len(instances) > 0, f"cluster.{name}", f"at least one {name} instance", [])
             ids = [instance.instance_id for instance in instances]
-            require_field(len(set(ids)) == len(ids), f"cluster.{name}", "unique instance ids", ids)
-        _finite_number(
+            require(len(set(ids)) == len(ids), f"cluster.{name}", "unique instance ids", ids)
+        check_number(
             "cluster.transfer_bandwidth_bytes_per_s",
             self.transfer_bandwidth_bytes_per_s,
-            allow_zero=False,
+            low=0,
+            low_exclusive=True,
         )
 
 

@@ -25,7 +25,6 @@ from raycake.policies.cluster_view import (
     RequestView,
     ScheduleDecision,
     SchedulingPolicy,
-    require_field,
 )
 from raycake.policies.estimates import (
     DecodeLoad,
@@ -37,6 +36,7 @@ from raycake.policies.estimates import (
     predict_tbt,
 )
 from raycake.policies.scheduling_config import SchedulingConfig
+from raycake.validation import require
 
 # The views and estimates are re-exported: callers take everything a policy needs from here.
 __all__ = [
@@ -152,7 +152,7 @@ class CacheAwareScheduler:
         use_store: bool = True,
         count_queued_prefixes: bool = True,
     ) -> None:
-        require_field(
+        require(
             isinstance(balance_threshold, (int, float)) and 1.0 <= balance_threshold < math.inf,
             "balance_threshold",
             "a finite number >= 1.0",

@@ -46,16 +46,20 @@ def test_the_event_loop_runs_while_a_step_is_held(model_dir):
     engine = _engine(model_dir)
     in_step, release = threading.Event(), threading.Event()
     original = engine.step
+    held = {}  # the thread the held step ran on, and whether it was released (not timed out)
 
     def held_step():
-        in_step.set()
-        release.wait(timeout=30)
+        if not in_step.is_set():
+            held["thread"] = threading.get_ident()
+            in_step.set()
+            held["released"] = release.wait(timeout=30)
         return original()
 
     engine.step = held_step
 
     async def scenario() -> tuple[int, list[int]]:
         loop = EngineLoop(engine)
+        held["loop_thread"] = threading.get_ident()
         request = asyncio.ensure_future(_stream(loop, engine, "a", [5, 6, 7, 8, 9]))
         await asyncio.to_thread(in_step.wait, 30)
         pings = 0
@@ -69,6 +73,9 @@ def test_the_event_loop_runs_while_a_step_is_held(model_dir):
 
     pings, tokens = asyncio.run(scenario())
     assert pings == 20
+    # Had the step blocked the loop, the pings could only have run after it timed out.
+    assert held["released"] is True
+    assert held["thread"] != held["loop_thread"]
     assert len(tokens) == GREEDY.max_tokens
 
 
