@@ -140,6 +140,21 @@ def tiny_model_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def tiny_titans_config(**titans_overrides: Any) -> ModelConfig:
+    """A tiny Titans MAG model: a window of 12 tokens, memory chunks of 8 (two blocks of 4)."""
+    from raycake.model.config import TITANS_ARCHITECTURE, NeuralMemoryConfig, TitansConfig
+
+    fields: dict[str, Any] = dict(
+        sliding_window=12,
+        memory=NeuralMemoryConfig(hidden_size=32, num_heads=2, head_dim=8, chunk_size=8),
+        num_persistent_tokens=2,
+    )
+    fields.update(titans_overrides)
+    return tiny_model_config(
+        architecture=TITANS_ARCHITECTURE, max_position_embeddings=256, titans=TitansConfig(**fields)
+    )
+
+
 def build_raycake_checkpoint(
     config: ModelConfig,
     out_dir: Path,
@@ -150,11 +165,11 @@ def build_raycake_checkpoint(
     """Save a random raycake ``LlamaForCausalLM`` of ``config`` (weights drawn from N(0, init_std)
     when given, else the modules' own init) and, with ``with_tokenizer``, a byte-level BPE
     tokenizer of its vocabulary; return the model in eval mode."""
-    from raycake.model.llama import LlamaForCausalLM
     from raycake.model.loader import save_checkpoint
+    from raycake.model.titans_mag import build_model
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = build_model(config)
     if init_std is not None:
         for param in model.parameters():
             torch.nn.init.normal_(param, std=init_std)

@@ -62,6 +62,6 @@ def calibrate(
             )
         run_all()
     engine.pop_all_finished()  # calibration outputs are nobody's results
-    engine.scheduler.kv_cache.reset_prefix_cache()
+    engine.scheduler.reset_prefix_cache()
     prefill, decode = samples_from_steps(steps)
     return StepCostModel.fit(prefill, decode)

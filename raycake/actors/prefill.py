@@ -221,7 +221,7 @@ class PrefillInstance(EngineInstance):
         """Forget locally cached blocks, once the KV store holds every block published."""
         if self._background:
             await asyncio.gather(*self._background)
-        await self.loop.call(self.engine.scheduler.kv_cache.reset_prefix_cache)
+        await self.loop.call(self.engine.scheduler.reset_prefix_cache)
 
     def current_cost_model(self) -> StepCostModel:
         """Refit from recent real steps when they cover enough shapes; else the start-up fit."""

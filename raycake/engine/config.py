@@ -25,9 +25,13 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     enable_prefix_caching: bool = True
     eviction_policy: str = "lru"
+    # Titans models: the byte budget of per-sequence memory states (running requests' and
+    # prefix snapshots'); other models ignore it.
+    memory_state_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         check_positive_int("cache.block_size", self.block_size)
+        check_positive_int("cache.memory_state_bytes", self.memory_state_bytes)
         if self.num_blocks is not None:
             check_positive_int("cache.num_blocks", self.num_blocks)
         check_positive_int("cache.kv_cache_memory_bytes", self.kv_cache_memory_bytes)

@@ -20,6 +20,9 @@ class ExportedKV:
     # [num_tokens, hidden]: the target's features at each prompt position, which the EAGLE
     # head drafts from; None without speculation. ``add_prefilled_request(features=...)``.
     features: torch.Tensor | None = None
+    # Titans: the memory state after the prompt, by tensor name (``MemoryStatePool.read``);
+    # None for other models.
+    memory_state: dict[str, torch.Tensor] | None = None
 
 
 def check_prefilled_kv(
@@ -54,6 +57,29 @@ def check_prefilled_kv(
                 f"features: expected shape {expected_features} (prompt tokens, hidden "
                 f"size), got {tuple(features.shape)}"
             )
+
+
+def check_memory_state(
+    expected: dict[str, tuple[int, ...]], memory_state: dict[str, object]
+) -> None:
+    """A Titans memory state with exactly the tensors (names, shapes) this engine's model has,
+    all finite: a NaN in a state would poison every later token of the sequence."""
+    if not isinstance(memory_state, dict):
+        raise ValueError(f"memory_state: expected a dict of tensors, got {_describe(memory_state)}")
+    if set(memory_state) != set(expected):
+        missing = sorted(set(expected) - set(memory_state))
+        extra = sorted(set(memory_state) - set(expected))
+        raise ValueError(f"memory_state: missing tensors {missing[:4]}, unexpected {extra[:4]}")
+    for name, shape in expected.items():
+        tensor = memory_state[name]
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"memory_state[{name!r}]: expected a floating-point tensor")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"memory_state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"memory_state[{name!r}]: contains NaN or infinity")
 
 
 def _describe(value: object) -> str:

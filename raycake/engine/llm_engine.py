@@ -21,8 +21,9 @@ import torch
 from raycake.assets import resolve_draft_model
 from raycake.engine.config import EngineConfig
 from raycake.engine.engine_stats import StepRecord
-from raycake.engine.handoff import ExportedKV, check_prefilled_kv
+from raycake.engine.handoff import ExportedKV, check_memory_state, check_prefilled_kv
 from raycake.engine.kv_cache import block_hashes_for, check_block_hashes
+from raycake.engine.memory_state import memory_state_bytes_per_slot
 from raycake.engine.request import Request, RequestStatus
 from raycake.engine.request_output import (
     CompletionOutput,
@@ -37,11 +38,13 @@ from raycake.engine.spec.config import SpeculativeConfig
 from raycake.engine.spec.controller import SpeculationController
 from raycake.engine.spec.runner import SpecDecodeRunner
 from raycake.engine.spec.tree import SpecDecodeStats
+from raycake.engine.state_cache import MemoryStateCache
 from raycake.engine.step_contract import RequestUpdate, SchedulerOutput, SchedulerStats
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from raycake.policies.eviction import make_eviction_policy
 from raycake.validation import check_token_ids, require
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,12 @@ class LLMEngine:
         )
         num_blocks = num_blocks_for(model_config, config.cache, DTYPES[config.dtype])
         spec = config.speculative
+        memory_states, num_memory_slots = self._memory_state_cache()
+        if memory_states is not None and spec is not None and spec.method is not None:
+            raise ValueError(
+                "speculative: not supported for Titans models (a memory state written by "
+                "draft tokens cannot be rolled back when they are rejected); set it to null"
+            )
         # The speculative batching policy with the acceptance and step costs it decides on.
         self.spec_controller = (
             SpeculationController.from_config(spec)
@@ -99,6 +108,7 @@ class LLMEngine:
             num_blocks,
             self.max_model_len,
             draft_budget=draft_budget_for(spec, self.spec_controller),
+            memory_states=memory_states,
         )
         self.runner: ModelRunner
         if spec is not None and spec.method == "eagle":
@@ -117,7 +127,11 @@ class LLMEngine:
             )
         else:
             self.runner = ModelRunner(
-                self.model, config.cache.block_size, num_blocks, seed=config.seed
+                self.model,
+                config.cache.block_size,
+                num_blocks,
+                seed=config.seed,
+                num_memory_slots=num_memory_slots,
             )
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) or model_config.eos_token_ids
         self._tracked: dict[str, _TrackedRequest] = {}
@@ -134,6 +148,28 @@ class LLMEngine:
     @property
     def model_path(self) -> Path:
         return self.model_dir
+
+    def _memory_state_cache(self) -> tuple[MemoryStateCache | None, int]:
+        """Titans: the slot manager of the memory states and how many slots the budget holds."""
+        titans = self.model_config.titans
+        if titans is None:
+            return None, 0
+        cache = self.config.cache
+        per_slot = memory_state_bytes_per_slot(self.model.memories(), DTYPES[self.config.dtype])
+        num_slots = cache.memory_state_bytes // per_slot
+        if num_slots < 1:
+            raise ValueError(
+                f"cache.memory_state_bytes: {cache.memory_state_bytes} bytes hold no memory "
+                f"state of this model ({per_slot} bytes per sequence)"
+            )
+        states = MemoryStateCache(
+            num_slots,
+            cache.block_size,
+            titans.memory.chunk_size,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            eviction_policy=make_eviction_policy(cache.eviction_policy),
+        )
+        return states, num_slots
 
     def add_request(
         self,
@@ -271,11 +307,16 @@ class LLMEngine:
         features = None
         if isinstance(self.runner, SpecDecodeRunner):
             features = self.runner.read_features(block_ids, num_tokens)
+        memory_state = None
+        if self.runner.memory_pool is not None:
+            slot = self.scheduler.memory_states.slot(request_id)
+            memory_state = self.runner.memory_pool.read(slot, num_tokens)
         return ExportedKV(
             kv=self.runner.read_blocks(block_ids),
             block_hashes=block_hashes_for(request.prompt_token_ids, block_size),
             num_tokens=num_tokens,
             features=features,
+            memory_state=memory_state,
         )
 
     def release_kv(self, request_id: str) -> None:
@@ -299,6 +340,7 @@ class LLMEngine:
         *,
         features: torch.Tensor | None = None,
         block_hashes: Sequence[bytes] | None = None,
+        memory_state: dict[str, torch.Tensor] | None = None,
     ) -> bool:
         """Continue decoding a request prefilled elsewhere; ``kv`` holds its prompt's blocks.
 
@@ -306,7 +348,8 @@ class LLMEngine:
         the prompt, which the EAGLE head drafts from (ignored without speculation). Without
         them the head drafts from whatever those slots held: still lossless, but fewer drafts
         are accepted. ``block_hashes``: the hashes that came with the KV (its wire header),
-        checked against the prompt's.
+        checked against the prompt's. ``memory_state`` (``ExportedKV.memory_state``): a Titans
+        model's memory state after the prompt, required for Titans and refused otherwise.
 
         Every check runs before any work: a bad argument raises ``ValueError`` naming it
         (``RequestRejected`` when the request could never fit). Returns False (nothing
@@ -330,6 +373,12 @@ class LLMEngine:
         )
         if block_hashes is not None:
             self.check_prompt_block_hashes(prompt_token_ids, block_hashes)
+        pool = self.runner.memory_pool
+        if (memory_state is None) != (pool is None):
+            expected = "the Titans memory state" if pool is not None else "None (not Titans)"
+            raise ValueError(f"memory_state: expected {expected}, got {_describe(memory_state)}")
+        if pool is not None:
+            check_memory_state(pool.expected_shapes(len(prompt_token_ids)), memory_state)
         request = Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids)
         request.append_output_token(first_token_id)
         blocks = self.scheduler.add_prefilled_request(request)
@@ -339,6 +388,9 @@ class LLMEngine:
             self.runner.write_blocks(blocks, kv)
             if features is not None and isinstance(self.runner, SpecDecodeRunner):
                 self.runner.write_features(blocks, features)
+            if pool is not None:
+                slot = self.scheduler.memory_states.slot(request_id)
+                pool.write(slot, len(prompt_token_ids), memory_state)
         except Exception:
             # Nothing of a request whose KV did not arrive may stay admitted.
             self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
@@ -544,6 +596,10 @@ class LLMEngine:
         layers = self.model.model.layers
         for index, stats in self._moe_stats.items():
             stats.update(layers[index].last_routing)
+
+
+def _describe(value: object) -> str:
+    return "a dict of tensors" if isinstance(value, dict) else type(value).__name__
 
 
 def draft_budget_for(

@@ -15,10 +15,11 @@ from typing import NamedTuple
 import torch
 
 from raycake.engine.config import CacheConfig
+from raycake.engine.memory_state import MemoryStateInputs, MemoryStatePool, SpanMemory
 from raycake.engine.sampler import SampleError, sample_rows
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
-from raycake.model.attention import AttentionMetadata, QuerySpan
+from raycake.model.attention import AttentionMetadata, QuerySpan, window_mask
 from raycake.model.config import ModelConfig
 from raycake.model.llama import LlamaForCausalLM
 
@@ -30,6 +31,7 @@ class RunnerRequestState:
     num_computed_tokens: int
     sampling_params: SamplingParams
     generator: torch.Generator
+    memory_slot: int | None = None  # Titans: the slot of its memory state
 
 
 @dataclass
@@ -40,6 +42,7 @@ class StepInputs:
     sample_indices: torch.Tensor  # [N] index into T of each sampling request's last token
     sample_request_ids: list[str]
     span_request_ids: list[str]  # the request of each of ``meta.spans``
+    memory: MemoryStateInputs | None = None  # Titans: which tokens update which state
 
 
 class ChunkInputs(NamedTuple):
@@ -93,6 +96,7 @@ class ModelRunner:
         block_size: int,
         num_blocks: int,
         seed: int = 0,
+        num_memory_slots: int = 0,
     ) -> None:
         config = model.config
         self.model = model
@@ -113,6 +117,15 @@ class ModelRunner:
             )
             for _ in range(config.num_hidden_layers)
         ]
+        # Titans: attention sees a sliding window of the paged KV (only the window's blocks are
+        # gathered), and every sequence's memory state lives in the pool.
+        self.sliding_window: int | None = None
+        self.memory_pool: MemoryStatePool | None = None
+        if config.titans is not None:
+            self.sliding_window = config.titans.sliding_window
+            self.memory_pool = MemoryStatePool(
+                model.memories(), num_memory_slots, self.device, self.dtype
+            )
         self.requests: dict[str, RunnerRequestState] = {}
         # Requests without a seed still draw reproducibly: from generators seeded in arrival order.
         self._seed_source = torch.Generator().manual_seed(seed)
@@ -134,7 +147,16 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens,
                 sampling_params=new.sampling_params,
                 generator=self._generator(new.sampling_params),
+                memory_slot=new.memory_slot,
             )
+            if self.memory_pool is not None:
+                if new.memory_slot is None:
+                    raise ValueError(f"request {new.request_id!r}: no memory slot for Titans")
+                if new.memory_source_slot is not None:
+                    self.memory_pool.copy(new.memory_source_slot, new.memory_slot)
+                elif new.num_computed_tokens == 0:
+                    self.memory_pool.reset(new.memory_slot)
+                # else: imported with its state, written by the engine already
         for cached in out.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -170,7 +192,9 @@ class ModelRunner:
         decode_tables = decode_mask = None
         if decodes:
             lengths = [s.num_computed_tokens + 1 for _, s in decodes]
-            max_blocks = -(-max(lengths) // bs)
+            # A window's decode gathers only the blocks that hold its window.
+            firsts = [self._first_block(n - 1) for n in lengths]
+            max_blocks = max(-(-n // bs) - f for n, f in zip(lengths, firsts, strict=True))
             rows = []
             for i, (rid, s) in enumerate(decodes):
                 pos = s.num_computed_tokens
@@ -179,13 +203,20 @@ class ModelRunner:
                 slots.append(s.block_ids[pos // bs] * bs + pos % bs)
                 sample_indices.append(i)
                 sample_ids.append(rid)
-                row = s.block_ids[:max_blocks]
+                row = s.block_ids[firsts[i] : firsts[i] + max_blocks]
                 rows.append(row + [0] * (max_blocks - len(row)))
             decode_tables = torch.tensor(rows, dtype=torch.long, device=device)  # [D, M]
             context = torch.arange(max_blocks * bs, device=device)
             ends = torch.tensor(lengths, device=device)
-            padded = context[None, :] >= ends[:, None]  # [D, M * P]
-            decode_mask = _additive_mask(padded, self.dtype)[:, None, None, :]  # [D, 1, 1, M * P]
+            if self.sliding_window is None:
+                blocked = context[None, :] >= ends[:, None]  # [D, M * P] padding
+            else:
+                starts = torch.tensor(firsts, device=device) * bs
+                key_pos = starts[:, None] + context[None, :]  # [D, M * P]
+                blocked = (key_pos >= ends[:, None]) | (
+                    key_pos < ends[:, None] - self.sliding_window
+                )
+            decode_mask = _additive_mask(blocked, self.dtype)[:, None, None, :]  # [D, 1, 1, M * P]
 
         spans: list[QuerySpan] = []
         for rid, s, n in chunks:
@@ -198,8 +229,20 @@ class ModelRunner:
             start_slot = s.num_computed_tokens
             slots.extend(table[i // bs] * bs + i % bs for i in range(start_slot, start_slot + n))
             end_slot = start_slot + n  # the span's context: slots 0..end_slot-1
-            block_ids = torch.tensor(table[: -(-end_slot // bs)], dtype=torch.long, device=device)
-            spans.append(QuerySpan(first, first + n, block_ids, end_slot, chunk.mask))
+            # A window's span reads from the block holding its first query's window.
+            first_block = self._first_block(start_slot)
+            block_ids = torch.tensor(
+                table[first_block : -(-end_slot // bs)], dtype=torch.long, device=device
+            )
+            mask = chunk.mask
+            if self.sliding_window is not None:
+                mask = window_mask(
+                    torch.arange(start_slot, end_slot, device=device),
+                    torch.arange(first_block * bs, end_slot, device=device),
+                    self.sliding_window,
+                    self.dtype,
+                )
+            spans.append(QuerySpan(first, first + n, block_ids, end_slot - first_block * bs, mask))
             if chunk.samples:
                 sample_indices.append(first + n - 1)
                 sample_ids.append(rid)
@@ -212,6 +255,17 @@ class ModelRunner:
             decode_mask=decode_mask,
             spans=spans,
         )
+        memory = None
+        if self.memory_pool is not None:
+            memory = MemoryStateInputs(
+                self.memory_pool,
+                decode_slots=[s.memory_slot for _, s in decodes],
+                decode_positions=[s.num_computed_tokens for _, s in decodes],
+                spans=[
+                    SpanMemory(span.start, span.end, s.memory_slot, s.num_computed_tokens)
+                    for span, (_, s, _) in zip(spans, chunks, strict=True)
+                ],
+            )
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -219,7 +273,14 @@ class ModelRunner:
             sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
             sample_request_ids=sample_ids,
             span_request_ids=[rid for rid, _, _ in chunks],
+            memory=memory,
         )
+
+    def _first_block(self, first_query: int) -> int:
+        """The first block a query at position ``first_query`` (or later) attends."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, first_query - self.sliding_window + 1) // self.block_size
 
     def _chunk_inputs(self, rid: str, state: RunnerRequestState, n: int) -> ChunkInputs:
         """The ``n`` tokens after a request's computed ones, in slots ``num_computed + i``."""
@@ -268,7 +329,16 @@ class ModelRunner:
         """Apply the step's deltas and run the model over its tokens: final hidden states [T, E]."""
         self._apply_deltas(out)
         inputs = self.prepare(out)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if inputs.memory is not None:
+            hidden = self.model(
+                inputs.input_ids,
+                inputs.positions,
+                inputs.meta,
+                self.kv_caches,
+                memory=inputs.memory,
+            )
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         for rid, n in out.num_scheduled_tokens.items():
             self.requests[rid].num_computed_tokens += n
         return inputs, hidden

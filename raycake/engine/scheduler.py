@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from raycake.engine.config import CacheConfig, SchedulerConfig
 from raycake.engine.kv_cache import KVCacheManager
 from raycake.engine.request import Request, RequestStatus
+from raycake.engine.state_cache import MemoryStateCache
 from raycake.engine.step_contract import (
     CachedRequestData,
     NewRequestData,
@@ -49,6 +50,7 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         draft_budget: DraftBudget | None = None,
+        memory_states: MemoryStateCache | None = None,
     ) -> None:
         self.config = scheduler_config
         self.draft_budget = draft_budget
@@ -61,6 +63,8 @@ class Scheduler:
             enable_prefix_caching=cache_config.enable_prefix_caching,
             eviction_policy=make_eviction_policy(cache_config.eviction_policy),
         )
+        # Titans models: each running request also holds a memory-state slot.
+        self.memory_states = memory_states
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
@@ -127,10 +131,14 @@ class Scheduler:
         self.check_admissible(rid, request.num_prompt_tokens, request.sampling_params.max_tokens)
         if len(self.running) >= self.config.max_num_seqs:
             return None
+        if self.memory_states is not None and not self.memory_states.num_free_slots:
+            return None
         request.num_computed_tokens = 0
         blocks = self.kv_cache.allocate_slots(request, request.num_prompt_tokens)
         if blocks is None:
             return None
+        if self.memory_states is not None:
+            self.memory_states.allocate(rid)
         request.num_computed_tokens = request.num_prompt_tokens
         request.status = RequestStatus.RUNNING
         self.requests[rid] = request
@@ -144,11 +152,14 @@ class Scheduler:
         """Free the blocks of a finished request that held them for export."""
         request = self.held.pop(request_id, None)
         if request is not None:
+            self._free_memory_state(request, snapshot=True)
             self.kv_cache.free(request)
 
     # ---- one step --------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        if self.memory_states is not None:
+            self.memory_states.release_pins()  # the last step copied them
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}  # in scheduling order
         new_blocks: dict[str, list[int]] = {}  # running requests: block ids added this step
@@ -192,6 +203,7 @@ class Scheduler:
 
         # Waiting requests in FIFO order. A step that had to preempt has no room for more.
         admitted: list[Request] = []
+        memory_sources: dict[str, int] = {}  # request id -> snapshot slot it starts from
         while (
             self.waiting
             and not preempted
@@ -200,9 +212,24 @@ class Scheduler:
         ):
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            source = None
+            if self.memory_states is not None:
+                if not self.memory_states.num_free_slots:
+                    break
+                # Cached KV is only a hit up to a boundary whose memory state is cached too.
+                source, num_blocks = self.memory_states.find_snapshot(
+                    request.block_hashes, len(computed_blocks)
+                )
+                computed_blocks = computed_blocks[:num_blocks]
+                num_cached = num_blocks * self.block_size
             num_new = min(request.num_tokens - num_cached, budget, self.config.max_prefill_chunk)
             if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
                 break  # head-of-line: later requests wait too, and nobody is preempted for them
+            if self.memory_states is not None:
+                if source is not None:
+                    self.memory_states.pin(source)
+                    memory_sources[request.request_id] = source
+                self.memory_states.allocate(request.request_id)
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached  # first admission only
@@ -230,6 +257,8 @@ class Scheduler:
                 sampling_params=r.sampling_params,
                 block_ids=self.kv_cache.block_ids(r.request_id),
                 num_computed_tokens=r.num_computed_tokens,
+                memory_slot=self._memory_slot(r.request_id),
+                memory_source_slot=memory_sources.get(r.request_id),
             )
             for r in [*self._imported, *admitted]
         ]
@@ -280,10 +309,26 @@ class Scheduler:
         chunks = [rid for rid in scheduled if not is_decode(rid)]
         return {rid: scheduled[rid] for rid in decodes + chunks}
 
+    def _memory_slot(self, request_id: str) -> int | None:
+        return None if self.memory_states is None else self.memory_states.slot(request_id)
+
+    def _free_memory_state(self, request: Request, snapshot: bool) -> None:
+        """Release a request's memory slot; with ``snapshot``, keep its state at its last
+        chunk boundary for requests that share the prefix (its KV blocks are cached)."""
+        if self.memory_states is None:
+            return
+        block_hash = None
+        boundary = self.memory_states.boundary(request.num_computed_tokens)
+        if snapshot and boundary:
+            self.kv_cache.update_block_hashes(request)
+            block_hash = request.block_hashes[boundary // self.block_size - 1]
+        self.memory_states.free(request.request_id, block_hash)
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         if request in self._imported:
             self._imported.remove(request)
+        self._free_memory_state(request, snapshot=True)
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -434,11 +479,18 @@ class Scheduler:
         if request.hold_kv_on_finish and status not in _NOT_HELD:
             self.held[request.request_id] = request
         else:
+            self._free_memory_state(request, snapshot=status not in _NOT_HELD)
             self.kv_cache.free(request)
         request.status = status
         del self.requests[request.request_id]
         del self._add_order[request.request_id]
         self._finished_ids.add(request.request_id)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: KV blocks and memory-state snapshots."""
+        self.kv_cache.reset_prefix_cache()
+        if self.memory_states is not None:
+            self.memory_states.reset()
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -471,6 +523,13 @@ class Scheduler:
         """Raise AssertionError if queues, statuses and block tables disagree."""
         self.kv_cache.check_invariants()
         running = {r.request_id for r in self.running}
+        if self.memory_states is not None:
+            self.memory_states.check_invariants()
+            if self.memory_states.request_ids != running | set(self.held):
+                raise AssertionError(
+                    f"memory slots for {sorted(self.memory_states.request_ids)}, running "
+                    f"{sorted(running)}, held {sorted(self.held)}"
+                )
         waiting = {r.request_id for r in self.waiting}
         if len(running) != len(self.running) or len(waiting) != len(self.waiting):
             raise AssertionError("a request appears twice in the running or waiting queue")

@@ -22,6 +22,10 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]  # the request's whole block table
     num_computed_tokens: int  # tokens whose KV is already in those blocks (prefix-cache hits)
+    # Titans models: the request's memory-state slot, and the snapshot slot to start it from
+    # (None: from the memory's initial state, or, for an imported request, as written).
+    memory_slot: int | None = None
+    memory_source_slot: int | None = None
 
 
 @dataclass(frozen=True)

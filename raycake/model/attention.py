@@ -101,6 +101,26 @@ def _plan_spans(spans: list[QuerySpan], block_size: int) -> tuple[list[SpanBatch
     return batches, single
 
 
+def _with_sinks(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prepend the persistent-memory keys and values (visible to every query) to a context.
+
+    k, v: [R, K, L, Dh]; mask: [..., L] additive; sinks: ([K, Np, Dh], [K, Np, Dh]).
+    """
+    if sinks is None:
+        return k, v, mask
+    sink_k, sink_v = sinks
+    lead = k.shape[0]
+    k = torch.cat([sink_k.to(k.dtype).expand(lead, -1, -1, -1), k], dim=2)
+    v = torch.cat([sink_v.to(v.dtype).expand(lead, -1, -1, -1), v], dim=2)
+    visible = mask.new_zeros(*mask.shape[:-1], sink_k.shape[1])
+    return k, v, torch.cat([visible, mask], dim=-1)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,10 +128,13 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend each token to its sequence's context.
 
     q: [T, H, Dh]; k, v: [T, K, Dh]; kv_cache: [2, S, K, Dh] (mutated). Returns [T, H, Dh].
+    ``sinks``: persistent-memory K/V attended by every query (Titans); a sliding window is
+    the runner's: it lists only the window's blocks and masks the rest.
     """
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_mapping] = k
@@ -134,7 +157,8 @@ def paged_attention(
         kd = k_blocks.index_select(0, flat).view(num_decodes, context, num_kv_heads, head_dim)
         vd = v_blocks.index_select(0, flat).view(num_decodes, context, num_kv_heads, head_dim)
         kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [D, K, M * P, Dh]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        kd, vd, mask = _with_sinks(kd, vd, meta.decode_mask, sinks)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         out[:num_decodes] = od.reshape(num_decodes, num_heads, head_dim)
 
     batches, single = meta.span_plan()
@@ -145,11 +169,12 @@ def paged_attention(
         flat = batch.block_tables.flatten()
         kb = k_blocks.index_select(0, flat).view(num_spans, context, num_kv_heads, head_dim)
         vb = v_blocks.index_select(0, flat).view(num_spans, context, num_kv_heads, head_dim)
+        kb, vb, mask = _with_sinks(kb.transpose(1, 2), vb.transpose(1, 2), batch.mask, sinks)
         ob = F.scaled_dot_product_attention(
             qb.transpose(1, 2),  # [R, H, n, Dh]
-            kb.transpose(1, 2),  # [R, K, M * P, Dh]
-            vb.transpose(1, 2),
-            attn_mask=batch.mask,
+            kb,  # [R, K, (Np +) M * P, Dh]
+            vb,
+            attn_mask=mask,
             scale=scale,
             enable_gqa=num_heads != num_kv_heads,
         )  # [R, H, n, Dh]
@@ -162,11 +187,15 @@ def paged_attention(
         vs = v_blocks.index_select(0, span.block_ids).flatten(0, 1)[:n]  # [C, K, Dh]
         ks = ks.transpose(0, 1).unsqueeze(0)  # [1, K, C, Dh]
         vs = vs.transpose(0, 1).unsqueeze(0)  # [1, K, C, Dh]
+        mask = span.mask
+        if sinks is not None:
+            assert mask is not None, "persistent tokens need an explicit mask"
+            ks, vs, mask = _with_sinks(ks, vs, mask, sinks)
         os_ = F.scaled_dot_product_attention(
             qs,
             ks,
             vs,
-            attn_mask=span.mask,
+            attn_mask=mask,
             is_causal=span.mask is None,
             scale=scale,
             enable_gqa=num_heads != num_kv_heads,
@@ -175,10 +204,42 @@ def paged_attention(
     return out
 
 
-def dense_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def window_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Training path without a cache. q: [B, S, H, Dh]; k, v: [B, S, K, Dh] -> [B, S, H, Dh]."""
+    """[n, C] additive mask: query i sees key j iff ``q_i - window < k_j <= q_i``."""
+    q = query_positions[:, None]
+    k = key_positions[None, :]
+    blocked = (k > q) | (k <= q - window)
+    zeros = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+    return zeros.masked_fill_(blocked, float("-inf"))
+
+
+def dense_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Training path without a cache. q: [B, S, H, Dh]; k, v: [B, S, K, Dh] -> [B, S, H, Dh].
+
+    ``window``: each query sees its last ``window`` positions; ``sinks``: persistent K/V.
+    """
+    if window is not None or sinks is not None:
+        positions = torch.arange(q.shape[1], device=q.device)
+        mask = window_mask(positions, positions, window or q.shape[1], q.dtype)  # [S, S]
+        keys, values, mask = _with_sinks(k.transpose(1, 2), v.transpose(1, 2), mask, sinks)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return out.transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

@@ -3,18 +3,27 @@ written back), and how its MoE layers route and where their experts run."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from raycake.validation import check_positive_int, require
+from raycake.validation import check_positive_int, is_int, is_number, require
 
 # SwitchLlamaForCausalLM is raycake's own: Llama with a Switch (top-1) MoE feed-forward in
 # every ``decoder_sparse_step``-th layer, the embedded MoE model's architecture.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM", "SwitchLlamaForCausalLM")
+# TitansMAGForCausalLM is raycake's own too: Titans' memory-as-gate variant (``TitansConfig``).
+TITANS_ARCHITECTURE = "TitansMAGForCausalLM"
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MixtralForCausalLM",
+    "SwitchLlamaForCausalLM",
+    TITANS_ARCHITECTURE,
+)
 MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "MixtralForCausalLM": "mixtral",
     "SwitchLlamaForCausalLM": "switch_llama",
+    TITANS_ARCHITECTURE: "titans_mag",
 }
 # The routing a checkpoint was trained with: Mixtral's renormalized top-k, or Switch top-1.
 CHECKPOINT_ROUTERS = ("topk", "switch")
@@ -45,6 +54,109 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class NeuralMemoryConfig:
+    """Titans' neural long-term memory (one per memory layer): a per-head MLP memory of
+    ``depth`` layers, written chunk by chunk with momentum and forgetting."""
+
+    hidden_size: int  # E: the input and output width
+    num_heads: int
+    head_dim: int  # num_heads * head_dim need not equal E
+    depth: int = 2  # L_M >= 2: the paper's deep memory
+    expansion: int = 2  # the memory MLP's hidden width = expansion * head_dim
+    chunk_size: int = 16  # tokens per parallel update (the paper's section 3.2)
+    # theta's upper bound: keys are l2-normalised, so a step of 0.1 moves M(k) by at most
+    # about a tenth of the error per token.
+    max_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "head_dim", "expansion", "chunk_size"):
+            check_positive_int(f"titans.{name}", getattr(self, name))
+        require(
+            is_int(self.depth) and self.depth >= 2,
+            "titans.depth",
+            "an integer >= 2 (a deep memory)",
+            self.depth,
+        )
+        require(
+            is_number(self.max_lr) and 0 < self.max_lr <= 1,
+            "titans.max_lr",
+            "a number in (0, 1]",
+            self.max_lr,
+        )
+
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of each memory MLP layer, per head."""
+        hidden = self.expansion * self.head_dim
+        dims = [self.head_dim] + [hidden] * (self.depth - 1) + [self.head_dim]
+        return list(itertools.pairwise(dims))
+
+    def state_numel(self) -> int:
+        """Floats in one sequence's memory state: weights and momentum, every head."""
+        return 2 * self.num_heads * sum(i * o for i, o in self.layer_shapes())
+
+
+@dataclass(frozen=True)
+class TitansConfig:
+    """Titans MAG (memory as a gate): each decoder layer attends over a sliding window plus
+    learned persistent-memory tokens, and the layers in ``memory_layers`` gate that attention
+    with a neural long-term memory read from, and written by, the same input."""
+
+    sliding_window: int  # tokens each query attends (itself included)
+    memory: NeuralMemoryConfig
+    num_persistent_tokens: int = 4
+    # Decoder layers with a memory branch; () means every layer.
+    memory_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_positive_int("titans.sliding_window", self.sliding_window)
+        require(
+            is_int(self.num_persistent_tokens) and self.num_persistent_tokens >= 0,
+            "titans.num_persistent_tokens",
+            "an integer >= 0",
+            self.num_persistent_tokens,
+        )
+        require(
+            all(is_int(i) and i >= 0 for i in self.memory_layers),
+            "titans.memory_layers",
+            "layer indices >= 0",
+            self.memory_layers,
+        )
+
+    def has_memory(self, index: int) -> bool:
+        return not self.memory_layers or index in self.memory_layers
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], hidden_size: int) -> TitansConfig:
+        """From config.json's ``sliding_window`` and ``titans`` entries."""
+        titans = dict(hf.get("titans") or {})
+        require("sliding_window" in hf, "sliding_window", "an integer for TitansMAG", None)
+        memory_keys = ("num_heads", "head_dim", "depth", "expansion", "chunk_size", "max_lr")
+        memory = {k: titans.pop(k) for k in memory_keys if k in titans}
+        layers = titans.pop("memory_layers", [])
+        persistent = titans.pop("num_persistent_tokens", 4)
+        if titans:
+            raise ValueError(f"config.json titans: unknown field(s) {sorted(titans)}")
+        return cls(
+            sliding_window=hf["sliding_window"],
+            memory=NeuralMemoryConfig(hidden_size=hidden_size, **memory),
+            num_persistent_tokens=persistent,
+            memory_layers=tuple(layers),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        memory = asdict(self.memory)
+        memory.pop("hidden_size")
+        return {
+            "sliding_window": self.sliding_window,
+            "titans": {
+                **memory,
+                "num_persistent_tokens": self.num_persistent_tokens,
+                "memory_layers": list(self.memory_layers),
+            },
+        }
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-architecture model, read from a Hugging Face ``config.json``."""
 
@@ -72,6 +184,8 @@ class ModelConfig:
     # 1 = every layer (Mixtral), 2 = every other layer (Switch Transformer).
     decoder_sparse_step: int = 1
     router_type: str = "topk"
+    # Titans MAG only (architecture TitansMAGForCausalLM): window, memory, persistent tokens.
+    titans: TitansConfig | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -120,6 +234,37 @@ class ModelConfig:
                 "1 with router_type 'switch' (Switch routes each token to one expert)",
                 self.num_experts_per_tok,
             )
+
+        require(
+            (self.titans is not None) == (self.architecture == TITANS_ARCHITECTURE),
+            "titans",
+            f"a TitansConfig exactly when the architecture is {TITANS_ARCHITECTURE}",
+            self.titans,
+        )
+        if self.titans is not None:
+            require(
+                all(i < self.num_hidden_layers for i in self.titans.memory_layers),
+                "titans.memory_layers",
+                f"indices < num_hidden_layers ({self.num_hidden_layers})",
+                self.titans.memory_layers,
+            )
+            require(
+                self.titans.memory.hidden_size == self.hidden_size,
+                "titans.memory.hidden_size",
+                f"the model's hidden_size ({self.hidden_size})",
+                self.titans.memory.hidden_size,
+            )
+
+    @property
+    def is_titans(self) -> bool:
+        return self.titans is not None
+
+    @property
+    def memory_layer_indices(self) -> list[int]:
+        """Decoder layers with a Titans memory branch (none for other architectures)."""
+        if self.titans is None:
+            return []
+        return [i for i in range(self.num_hidden_layers) if self.titans.has_memory(i)]
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether decoder layer ``index`` has a routed MoE feed-forward."""
@@ -189,7 +334,10 @@ class ModelConfig:
             raise ValueError(
                 f"config.json rope_scaling.rope_type: expected 'default' or 'llama3', got {rope_type!r}"
             )
-        if hf.get("sliding_window") is not None:
+        titans = None
+        if architectures[0] == TITANS_ARCHITECTURE:
+            titans = TitansConfig.from_hf(hf, hf["hidden_size"])
+        elif hf.get("sliding_window") is not None:
             raise ValueError(
                 f"config.json sliding_window: expected null (sliding-window attention is not "
                 f"supported), got {hf['sliding_window']!r}"
@@ -219,6 +367,7 @@ class ModelConfig:
             num_experts_per_tok=int(hf.get("num_experts_per_tok") or 2),
             decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
             router_type=str(hf.get("router_type") or "topk"),
+            titans=titans,
         )
 
     def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
@@ -239,6 +388,8 @@ class ModelConfig:
             if self.architecture == "SwitchLlamaForCausalLM":
                 extra["decoder_sparse_step"] = self.decoder_sparse_step
                 extra["router_type"] = self.router_type
+        if self.titans is not None:
+            extra = self.titans.to_hf()
         return {
             "architectures": [self.architecture],
             "model_type": MODEL_TYPES[self.architecture],

@@ -47,6 +47,14 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        # Titans MAG: a sliding window (the runner's masks carry it on the paged path) and
+        # persistent-memory tokens: learned K/V every query attends, [2, K, Np, Dh].
+        titans = config.titans
+        self.sliding_window = titans.sliding_window if titans is not None else None
+        self.persistent_kv: nn.Parameter | None = None
+        if titans is not None and titans.num_persistent_tokens:
+            shape = (2, self.num_kv_heads, titans.num_persistent_tokens, self.head_dim)
+            self.persistent_kv = nn.Parameter(torch.randn(shape) * 0.02)
 
     def forward(
         self,
@@ -65,11 +73,14 @@ class LlamaAttention(nn.Module):
         )
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)  # [..., H, Dh], [..., K, Dh]
         v = v.view(*lead, self.num_kv_heads, self.head_dim)  # [..., K, Dh]
+        sinks = None
+        if self.persistent_kv is not None:
+            sinks = (self.persistent_kv[0], self.persistent_kv[1])
         if meta is None:
-            out = dense_causal_attention(q, k, v, self.scale)
+            out = dense_causal_attention(q, k, v, self.scale, self.sliding_window, sinks)
         else:
             assert kv_cache is not None, "a paged step needs this layer's KV cache"
-            out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+            out = paged_attention(q, k, v, kv_cache, meta, self.scale, sinks)
         return self.o_proj(out.reshape(*lead, self.q_size))
 
 
@@ -142,10 +153,13 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, moe, i) for i in range(config.num_hidden_layers)
+            self.make_layer(config, moe, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+
+    def make_layer(self, config: ModelConfig, moe: MoEConfig, index: int) -> nn.Module:
+        return LlamaDecoderLayer(config, moe, index)
 
     def forward(
         self,
@@ -164,10 +178,12 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The served model. ``forward`` returns final hidden states; ``compute_logits`` projects them."""
 
+    model_class: type[LlamaModel] = LlamaModel
+
     def __init__(self, config: ModelConfig, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, moe or MoEConfig())
+        self.model = self.model_class(config, moe or MoEConfig())
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaForCausalLM
+from raycake.model.titans_mag import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -165,7 +166,7 @@ def load_model(
         raise ValueError(f"quantization: expected 'int8' or None, got {quantization!r}")
     config = read_model_config(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, moe)
+        model = build_model(config, moe)
     # Materialize in the target dtype: the checkpoint is converted tensor by tensor on copy.
     model = model.to_empty(device=device).to(DTYPES[dtype])
     if config.tie_word_embeddings:

@@ -123,12 +123,12 @@ def measure_engine_steps(engine: LLMEngine, plan: StepPlan | None = None) -> Ste
     for context in plan.decode_context_tokens:
         for batch in plan.decode_batch_sizes:
             for _ in range(plan.repeats):
-                engine.scheduler.kv_cache.reset_prefix_cache()
+                engine.scheduler.reset_prefix_cache()
                 for step in run([tokens(context) for _ in range(batch)], plan.decode_steps + 1):
                     raw += 1
                     if step.is_decode_only:
                         by_decode[(step.num_requests, step.num_context_tokens)].append(step.seconds)
-    engine.scheduler.kv_cache.reset_prefix_cache()
+    engine.scheduler.reset_prefix_cache()
     return StepMeasurements(
         prefill=[PrefillSample(n, c, statistics.median(s)) for (n, c), s in by_prefill.items()],
         decode=[DecodeSample(b, t, statistics.median(s)) for (b, t), s in by_decode.items()],
