@@ -105,6 +105,9 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         # How many leading blocks of each request's table are already registered.
         self._num_registered: dict[str, int] = {}
+        # How many leading blocks of each request's table it no longer holds (sliding-window
+        # attention never reads them again): their ids stay in the table, unreferenced.
+        self._num_released: dict[str, int] = {}
         self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the cache
         self.prefix_cache_hits = 0  # of those, tokens found cached
 
@@ -129,8 +132,16 @@ class KVCacheManager:
         return set(self._tables)
 
     def block_ids(self, request_id: str) -> list[int]:
-        """A copy of the request's block table (empty if it holds none)."""
+        """A copy of the request's block table (empty if it holds none). NOTE: its first
+        ``num_released`` entries are released blocks, which may since hold other KV."""
         return list(self._tables.get(request_id, ()))
+
+    def num_released(self, request_id: str) -> int:
+        return self._num_released.get(request_id, 0)
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks the request holds a reference on."""
+        return len(self._tables.get(request_id, ())) - self.num_released(request_id)
 
     # ---- prefix cache ----------------------------------------------------------------------
 
@@ -237,6 +248,7 @@ class KVCacheManager:
                 self.prefix_cache_hits += len(computed) * self.block_size
             self._tables[rid] = table
             self._num_registered[rid] = len(computed)
+            self._num_released[rid] = 0
         new_blocks = computed + fresh
         table.extend(new_blocks)
         return new_blocks
@@ -245,14 +257,30 @@ class KVCacheManager:
         """Drop the request's references and its block table (no-op if it holds none)."""
         table = self._tables.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
+        released = self._num_released.pop(request.request_id, 0)
         if table is None:
             return
         # Tail first: the head of a sequence is the prefix most likely to be shared, so it
         # should be the last of this request's blocks to be evicted.
-        for block_id in reversed(table):
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._free.add(block_id)
+        for block_id in reversed(table[released:]):
+            self._unref(block_id)
+
+    def release_leading_blocks(self, request: Request, num_blocks: int) -> None:
+        """Drop the request's references on its first ``num_blocks`` blocks (a sliding window
+        has moved past them), keeping their prefix-cache registration: they stay findable
+        until evicted. Blocks already released are skipped."""
+        rid = request.request_id
+        table = self._tables[rid]
+        start = self._num_released[rid]
+        end = min(num_blocks, len(table))
+        for block_id in table[start:end]:
+            self._unref(block_id)
+        self._num_released[rid] = max(start, end)
+
+    def _unref(self, block_id: int) -> None:
+        self._ref_counts[block_id] -= 1
+        if self._ref_counts[block_id] == 0:
+            self._free.add(block_id)
 
     # ---- blocks that arrive from elsewhere (a KV store, another instance) --------------------
 
@@ -294,12 +322,13 @@ class KVCacheManager:
         """Raise AssertionError if the bookkeeping is inconsistent (tests call it every step)."""
         holders: Counter[int] = Counter()
         for rid, table in self._tables.items():
-            if len(set(table)) != len(table):
-                dupes = sorted(b for b, n in Counter(table).items() if n > 1)
+            held = table[self._num_released[rid] :]  # released leading blocks are not its own
+            if len(set(held)) != len(held):
+                dupes = sorted(b for b, n in Counter(held).items() if n > 1)
                 raise AssertionError(f"request {rid!r}: blocks {dupes} appear twice in its table")
             if self._num_registered.get(rid, -1) > len(table):
                 raise AssertionError(f"request {rid!r}: more registered blocks than blocks")
-            holders.update(table)
+            holders.update(held)
         for block_id in range(self.num_blocks):
             refs = self._ref_counts[block_id]
             if refs != holders[block_id]:

@@ -51,6 +51,7 @@ class Scheduler:
         max_model_len: int,
         draft_budget: DraftBudget | None = None,
         memory_states: MemoryStateCache | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         self.config = scheduler_config
         self.draft_budget = draft_budget
@@ -63,8 +64,10 @@ class Scheduler:
             enable_prefix_caching=cache_config.enable_prefix_caching,
             eviction_policy=make_eviction_policy(cache_config.eviction_policy),
         )
-        # Titans models: each running request also holds a memory-state slot.
+        # Titans models: each running request also holds a memory-state slot, and attends only
+        # a window of its KV, so it releases the blocks the window has left.
         self.memory_states = memory_states
+        self.sliding_window = sliding_window
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
@@ -309,6 +312,15 @@ class Scheduler:
         chunks = [rid for rid in scheduled if not is_decode(rid)]
         return {rid: scheduled[rid] for rid in decodes + chunks}
 
+    def _release_out_of_window(self, request: Request) -> None:
+        """Release the blocks no later token's window reaches: every position before
+        ``num_computed - window + 1``. A request that holds its KV for export keeps it all."""
+        if self.sliding_window is None or request.hold_kv_on_finish:
+            return
+        first_needed = request.num_computed_tokens - self.sliding_window + 1
+        if first_needed >= self.block_size:
+            self.kv_cache.release_leading_blocks(request, first_needed // self.block_size)
+
     def _memory_slot(self, request_id: str) -> int | None:
         return None if self.memory_states is None else self.memory_states.slot(request_id)
 
@@ -386,6 +398,7 @@ class Scheduler:
             )
         request.num_computed_tokens += num_scheduled
         self.kv_cache.cache_full_blocks(request, request.num_computed_tokens)
+        self._release_out_of_window(request)
         reached_end = request.num_computed_tokens == request.num_tokens
         if reached_end != bool(sampled):
             # A silent mismatch would desynchronize the runner's tokens from ours.
@@ -547,6 +560,7 @@ class Scheduler:
         if len(self.running) > self.config.max_num_seqs:
             raise AssertionError(f"{len(self.running)} running > max_num_seqs")
         for r in self.running:
+            # Released leading blocks count: they were the sequence's, and its slots index them.
             num_slots = len(self.kv_cache.block_ids(r.request_id)) * self.block_size
             if r.status != RequestStatus.RUNNING or not (
                 r.num_computed_tokens < r.num_tokens and r.num_computed_tokens <= num_slots

@@ -20,7 +20,7 @@ from raycake.engine.spec.config import SpeculativeConfig
 from raycake.model.loader import load_model
 from tests.llama_checkpoints import build_raycake_checkpoint, tiny_titans_config
 
-GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 # Lengths around the window (12), the memory chunk (8) and the block (4).
 PROMPT_LENGTHS = (3, 8, 13, 21, 40, 57)
 
@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory):
 
 
 def _engine(model_dir: str, cache: dict | None = None, **scheduler) -> LLMEngine:
-    cache_config = CacheConfig(block_size=4, **(cache or {}))
+    cache_config = CacheConfig(block_size=4, **{"num_blocks": 160, **(cache or {})})
     return LLMEngine(
         EngineConfig(model=model_dir, cache=cache_config, scheduler=SchedulerConfig(**scheduler))
     )
@@ -56,8 +56,13 @@ def _run_all(engine: LLMEngine, prompts, params=GREEDY) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def _reference(model_dir: str, prompt: list[int], max_tokens: int) -> list[int]:
+def _reference(
+    model_dir: str, prompt: list[int], max_tokens: int, with_memory: bool = True
+) -> list[int]:
     model = load_model(model_dir)
+    if not with_memory:  # the memory branch (and its gate) removed from every layer
+        for layer in model.model.layers:
+            layer.memory = None
     tokens = list(prompt)
     for _ in range(max_tokens):
         ids = torch.tensor([tokens])
@@ -67,10 +72,29 @@ def _reference(model_dir: str, prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def test_engine_matches_the_training_path(model_dir):
-    engine = _engine(model_dir)
-    outputs = _run_all(engine, PROMPTS)
-    expected = [_reference(model_dir, p, GREEDY.max_tokens) for p in PROMPTS]
+    prompts = PROMPTS[3:]  # beyond the window and several memory chunks
+    outputs = _run_all(_engine(model_dir), prompts)
+    expected = [_reference(model_dir, p, GREEDY.max_tokens) for p in prompts]
     assert outputs == expected
+    # The reference depends on the memory: without it, the tokens differ.
+    without = [_reference(model_dir, p, GREEDY.max_tokens, with_memory=False) for p in prompts]
+    assert without != expected
+
+
+def test_blocks_behind_the_window_are_released(model_dir):
+    engine = _engine(model_dir)
+    rid = engine.add_request(PROMPTS[5], GREEDY)  # 57 tokens, then 14 more
+    held = []
+    engine.step()  # the whole prompt
+    while engine.is_unfinished(rid):
+        held.append(engine.scheduler.kv_cache.num_held_blocks(rid))
+        engine.step()
+        engine.scheduler.check_invariants()
+    # After each step the request holds the blocks of the window of its next token (12
+    # tokens: at most 4 blocks of 4) and that token's block: flat, whatever the context, where
+    # a dense model holds every block (15 after the prompt, 18 at the end).
+    assert len(held) == GREEDY.max_tokens - 1
+    assert max(held) <= 5
 
 
 def test_batched_chunked_and_alone_are_the_same(model_dir):
@@ -103,8 +127,15 @@ def test_memory_slots_bound_the_running_requests(model_dir):
 
 
 def test_preempted_requests_resume_with_the_same_tokens(model_dir):
-    # 30 blocks of 4 tokens cannot hold six requests of up to 77 tokens: some are preempted.
-    engine = _engine(model_dir, cache={"num_blocks": 30})
+    # 20 blocks of 4 tokens (the least one 77-token request needs) cannot hold six requests
+    # at once, even with blocks behind the window released: some are preempted.
+    engine = _engine(
+        model_dir,
+        cache={"num_blocks": 20},
+        max_prefill_chunk=4,
+        max_num_batched_tokens=16,
+        max_num_seqs=8,
+    )
     outputs = _run_all(engine, PROMPTS)
     assert engine.scheduler.num_preemptions > 0
     assert outputs == _run_all(_engine(model_dir), PROMPTS)
@@ -119,9 +150,9 @@ def test_follow_up_turn_resumes_from_the_cached_state(model_dir):
     while engine.is_unfinished(rid):
         engine.step()
     out = engine.pop_finished(rid)
-    # The first turn finished with 40 + 19 computed tokens: its state at token 56 (a chunk
-    # boundary) was kept, with the KV of those 56 tokens.
-    assert out.num_cached_tokens == 56
+    # The first turn finished with 40 + 13 computed tokens: its state at token 48 (a chunk
+    # boundary) was kept, with the KV of those 48 tokens.
+    assert out.num_cached_tokens == 48
     assert engine.scheduler.memory_states.num_snapshot_hits == 1
     uncached = _engine(model_dir, cache={"enable_prefix_caching": False})
     assert out.token_ids == _run_all(uncached, [follow_up])[0]
