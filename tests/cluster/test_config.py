@@ -18,6 +18,13 @@ def test_example_cluster_config_loads():
     assert config.store_replicate_after_reads == 4
 
 
+def test_titans_cluster_config_serves_the_titans_model():
+    config = ClusterConfig.from_file(ROOT / "examples" / "cluster-titans.yaml")
+    assert config.engine.model == "default-titans"
+    assert config.engine.cache.memory_state_bytes == 256 * 2**20
+    assert config.engine.speculative is None  # Titans refuses speculative decoding
+
+
 def test_kuberay_job_asks_for_the_instance_resource():
     job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob-demo.yaml").read_text())
     assert job["kind"] == "RayJob"
