@@ -60,6 +60,8 @@ class DecodeInstance(EngineInstance):
             work.sampling_params,
             fetched.kv,
             features=fetched.features,
+            # Titans: the memory state after the prompt (checked by the engine; None otherwise).
+            memory_state=fetched.memory_state,
         ):
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(

@@ -109,6 +109,7 @@ class LLMEngine:
             self.max_model_len,
             draft_budget=draft_budget_for(spec, self.spec_controller),
             memory_states=memory_states,
+            sliding_window=model_config.titans.sliding_window if model_config.titans else None,
         )
         self.runner: ModelRunner
         if spec is not None and spec.method == "eagle":
@@ -321,6 +322,54 @@ class LLMEngine:
 
     def release_kv(self, request_id: str) -> None:
         self.scheduler.release_held_kv(request_id)
+
+    def export_memory_snapshot(
+        self, request_id: str
+    ) -> tuple[bytes, dict[str, torch.Tensor]] | None:
+        """Titans: a held (``hold_kv``) request's memory state at its last memory-chunk
+        boundary, by tensor name (no pending rows: a boundary has none), with the chained hash
+        of the block that ends there (its key in the KV store); None for other models and for
+        a sequence shorter than one chunk (the initial state needs no snapshot)."""
+        request = self.scheduler.held.get(request_id)
+        if request is None:
+            raise KeyError(f"request {request_id!r}: no held KV (not finished, or not hold_kv)")
+        states, pool = self.scheduler.memory_states, self.runner.memory_pool
+        if states is None or pool is None:
+            return None
+        # The slot holds the memory after the computed tokens: its weights are those at the
+        # last boundary, and reading it as of that boundary leaves out the pending inputs.
+        boundary = states.boundary(request.num_computed_tokens)
+        if not boundary:
+            return None
+        block_size = self.config.cache.block_size
+        block_hash = block_hashes_for(request.all_token_ids[:boundary], block_size)[-1]
+        return block_hash, pool.read(states.slot(request_id), boundary)
+
+    def import_memory_snapshot(self, block_hash: bytes, tensors: dict[str, torch.Tensor]) -> bool:
+        """Titans: keep a memory-state snapshot from elsewhere (the KV store;
+        ``export_memory_snapshot``'s tensors) under ``block_hash``, the hash of the block that
+        ends at its chunk boundary, so a prompt whose prefix KV is cached up to there starts
+        from it. Returns True when written; False when there is nothing to do (that snapshot
+        is already here, prefix caching is off) or no free slot to hold it.
+
+        Checked first: ``ValueError`` naming the field for a model without memory, a bad hash,
+        or tensors that are not this model's state at a boundary (names, shapes, finite)."""
+        states, pool = self.scheduler.memory_states, self.runner.memory_pool
+        if states is None or pool is None:
+            raise ValueError("memory_state: this model has no memory state (not Titans)")
+        # 16 bytes: the blake2b-128 chained hashes of kv_cache.hash_block_tokens.
+        require(
+            isinstance(block_hash, bytes) and len(block_hash) == 16,
+            "block_hash",
+            "a 16-byte chained block hash",
+            block_hash,
+        )
+        check_memory_state(pool.expected_shapes(0), tensors)
+        slot = states.import_snapshot(block_hash)
+        if slot is None:
+            return False
+        pool.write(slot, 0, tensors)
+        return True
 
     def check_prompt_block_hashes(
         self, prompt_token_ids: list[int], block_hashes: Sequence[bytes]

@@ -131,6 +131,24 @@ class MemoryStateCache:
             self._slot_hashes[slot] = snapshot_hash
         self._free.add(slot)
 
+    def import_snapshot(self, snapshot_hash: bytes) -> int | None:
+        """A free slot registered as the snapshot under ``snapshot_hash`` (a state that came
+        from elsewhere, e.g. the KV store; the caller writes it into the slot), or None when
+        nothing is to be written: prefix caching is off, that snapshot is already here, or no
+        slot is free. The slot stays free (most recently used), like a finished request's."""
+        if not self.enable_prefix_caching or snapshot_hash in self._snapshots:
+            return None
+        if not len(self._free):
+            return None
+        slot = self._free.pop_victim()
+        stale = self._slot_hashes[slot]
+        if stale is not None:
+            del self._snapshots[stale]
+        self._snapshots[snapshot_hash] = slot
+        self._slot_hashes[slot] = snapshot_hash
+        self._free.add(slot)
+        return slot
+
     def reset(self) -> None:
         """Forget every snapshot (slots held by requests stay theirs)."""
         self._snapshots.clear()

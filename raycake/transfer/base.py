@@ -57,9 +57,10 @@ class KVTransfer(Protocol):
 
     Receiver: ``fetch(handle)`` returns an ``UnpackedKV``: the [L, 2, B, S, H, D] tensor of the
     header's dtype and, when the header describes them, the prompt's EAGLE target features
-    [tokens, hidden] (else None), validated by ``unpack_payload``; any mismatch or transport
-    failure raises KVTransferError. The receiver owns the result; it may be a read-only zero-copy
-    view (object_store on the same node), so copy it into the KV cache rather than writing to it. A handle may be fetched several times,
+    [tokens, hidden] and a Titans memory state by tensor name (else None), validated by
+    ``unpack_payload``; any mismatch or transport failure raises KVTransferError. The receiver
+    owns the result; it may be a read-only zero-copy view (object_store on the same node), so
+    copy it into the KV cache rather than writing to it. A handle may be fetched several times,
     by several receivers, until it is released.
     """
 

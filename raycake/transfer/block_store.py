@@ -50,15 +50,22 @@ class BlockStore(Generic[V]):
     def keys(self) -> list[bytes]:
         return list(self._values)
 
-    def put(self, key: bytes, value: V, nbytes: int) -> list[bytes]:
-        """Store (or refresh) a block; returns the keys evicted to make room."""
+    def put(self, key: bytes, value: V, nbytes: int, *, replace: bool = False) -> list[bytes]:
+        """Store (or refresh) a block; returns the keys evicted to make room. ``replace``: a
+        stored block under ``key`` gives way to this one (e.g. the same KV with a memory-state
+        snapshot) instead of only being refreshed."""
         if nbytes <= 0 or nbytes > self.capacity_bytes:
             raise ValueError(
                 f"nbytes: expected 1..{self.capacity_bytes} (the store's capacity), got {nbytes}"
             )
         if key in self._values:
-            self._touch(key)
-            return []
+            if not replace:
+                self._touch(key)
+                return []
+            # Not an eviction: the block stays, with a new value and size.
+            _, size = self._values.pop(key)
+            self._policy.remove(key)
+            self.used_bytes -= size
         evicted = []
         while self.used_bytes + nbytes > self.capacity_bytes:
             victim = self._policy.pop_victim()
@@ -84,6 +91,11 @@ class BlockStore(Generic[V]):
             found.append(entry[0])
         self._hits += len(found)
         return found
+
+    def peek(self, key: bytes) -> V | None:
+        """The value stored under ``key`` (None if none), without touching recency or stats."""
+        entry = self._values.get(key)
+        return None if entry is None else entry[0]
 
     def prefix_length(self, keys: Iterable[bytes]) -> int:
         """How many leading keys are stored, without touching recency."""

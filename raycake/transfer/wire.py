@@ -18,6 +18,20 @@ are msgpack, never pickle: a receiver can decode one from an untrusted peer with
 code. A header without features is version 1, byte for byte what it always was; one with
 features is version 2 (an old receiver refuses it by its version instead of misreading it).
 ``nbytes`` is the whole payload's size, so a transport that moves ``nbytes`` bytes moves both.
+
+Version 3 adds a Titans memory state (``ExportedKV.memory_state``: the memory MLPs' weights and
+momentum, float32, and the pending inputs of the chunk being filled, in the model dtype) after
+the KV and after the features when there are any:
+
+    payload: [KV bytes | features bytes (optional) | state tensor 0 | state tensor 1 | ...]
+
+The header lists every state tensor as ``[name, dtype, shape]`` in payload order
+(``state_tensors``: short printable-ASCII names, unique; dtypes of the same allowed set; shapes
+of bounded non-negative ints, a pending chunk may have 0 rows) and the CRC-32 of all their bytes
+(``state_checksum``, or None). A version 3 header always carries the feature fields (None
+without features). The tensors are packed back to back without padding: a receiver gets
+zero-copy views of those whose offset is a multiple of their item size (all of them when the
+parts before are, as with a KV and float32 weights), a copy of the others.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -35,10 +49,16 @@ import torch
 
 WIRE_VERSION = 1  # a payload of KV only
 WIRE_VERSION_FEATURES = 2  # KV, then the features of the same tokens
+WIRE_VERSION_STATE = 3  # KV, the optional features, then a Titans memory state
 BLOCK_HASH_BYTES = 16  # blake2b-128 chained hashes, as raycake.engine.kv_cache.hash_block_tokens
 MAX_DIM = 2**31 - 1
 MAX_PAYLOAD_BYTES = 2**40  # 1 TiB: refuses a header that would make a receiver allocate absurdly
 MAX_HEADER_BYTES = 16 * 2**20
+# Bounds of a memory state's description: far above any model's (a few tensors per memory
+# layer), low enough that a hostile header cannot make a receiver loop or allocate absurdly.
+MAX_STATE_TENSORS = 4096
+MAX_STATE_NAME_CHARS = 128
+MAX_STATE_DIMS = 8
 
 # dtype name -> (torch dtype, numpy dtype of the array pack_kv returns). numpy has no bfloat16:
 # its bits travel as uint16 and the header keeps the name.
@@ -61,6 +81,15 @@ _FIELDS = (
     "checksum",
 )
 _FEATURE_FIELDS = ("features_dim", "features_dtype", "features_checksum")
+_STATE_FIELDS = ("state_tensors", "state_checksum")
+_VERSION_FIELDS = {
+    WIRE_VERSION: _FIELDS,
+    WIRE_VERSION_FEATURES: _FIELDS + _FEATURE_FIELDS,
+    WIRE_VERSION_STATE: _FIELDS + _FEATURE_FIELDS + _STATE_FIELDS,
+}
+
+# One memory-state tensor as the header describes it: (name, dtype name, shape).
+StateTensorSpec = tuple[str, str, tuple[int, ...]]
 
 KVPayload = np.ndarray | torch.Tensor | bytes | bytearray | memoryview
 
@@ -89,6 +118,11 @@ class KVBlockHeader:
     features_dim: int | None = None
     features_dtype: str | None = None
     features_checksum: int | None = None
+    # The optional Titans memory state after those (version 3): each tensor's (name, dtype,
+    # shape) in payload order, and the CRC-32 of all their bytes (None when not computed).
+    # None: no memory state.
+    state_tensors: tuple[StateTensorSpec, ...] | None = None
+    state_checksum: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
@@ -127,12 +161,21 @@ class KVBlockHeader:
                 )
             if self.features_checksum is not None:
                 _check_int("features_checksum", self.features_checksum, low=0, high=2**32 - 1)
+        if self.state_tensors is None:
+            if self.state_checksum is not None:
+                raise KVTransferError("state_checksum: set without state_tensors")
+        else:
+            object.__setattr__(self, "state_tensors", _checked_state_specs(self.state_tensors))
+            if self.state_checksum is not None:
+                _check_int("state_checksum", self.state_checksum, low=0, high=2**32 - 1)
         _check_int("nbytes", self.nbytes, low=1, high=MAX_PAYLOAD_BYTES)
-        expected = self.kv_nbytes + self.features_nbytes
+        expected = self.kv_nbytes + self.features_nbytes + self.state_nbytes
         if self.nbytes != expected:
             what = f"shape {self.shape} of {self.dtype}"
             if self.features_shape is not None:
                 what += f" and features {self.features_shape} of {self.features_dtype}"
+            if self.state_tensors is not None:
+                what += f" and {len(self.state_tensors)} state tensors of {self.state_nbytes} bytes"
             raise KVTransferError(f"nbytes: {self.nbytes} != {expected} for {what}")
         if self.checksum is not None:
             _check_int("checksum", self.checksum, low=0, high=2**32 - 1)
@@ -187,13 +230,33 @@ class KVBlockHeader:
             return 0
         return self.num_tokens * self.features_dim * _DTYPES[self.features_dtype][1].itemsize
 
+    @property
+    def has_memory_state(self) -> bool:
+        return self.state_tensors is not None
+
+    @property
+    def state_nbytes(self) -> int:
+        """The memory-state part of the payload, after the features (0 without a state)."""
+        if self.state_tensors is None:
+            return 0
+        return sum(_spec_nbytes(spec) for spec in self.state_tensors)
+
+    @property
+    def version(self) -> int:
+        """The wire version this header is sent as: the oldest that can describe it."""
+        if self.has_memory_state:
+            return WIRE_VERSION_STATE
+        return WIRE_VERSION_FEATURES if self.has_features else WIRE_VERSION
+
     def to_msgpack(self) -> bytes:
-        fields = {name: getattr(self, name) for name in _FIELDS}
+        version = self.version
+        # NOTE: field order is part of the bytes: versions 1 and 2 stay exactly as they were.
+        fields = {name: getattr(self, name) for name in _VERSION_FIELDS[version]}
         fields["block_hashes"] = list(self.block_hashes)
-        version = WIRE_VERSION
-        if self.has_features:
-            version = WIRE_VERSION_FEATURES
-            fields.update({name: getattr(self, name) for name in _FEATURE_FIELDS})
+        if self.state_tensors is not None:
+            fields["state_tensors"] = [
+                [name, dtype, list(shape)] for name, dtype, shape in self.state_tensors
+            ]
         return msgpack.packb({"version": version, **fields}, use_bin_type=True)
 
     @classmethod
@@ -211,19 +274,23 @@ class KVBlockHeader:
         if not isinstance(fields, dict):
             raise KVTransferError(f"header: expected a map, got {type(fields).__name__}")
         version = fields.pop("version", None)
-        if version not in (WIRE_VERSION, WIRE_VERSION_FEATURES):
+        if isinstance(version, bool) or version not in _VERSION_FIELDS:
             raise KVTransferError(
-                f"version: expected {WIRE_VERSION} or {WIRE_VERSION_FEATURES}, got {version!r}"
+                f"version: expected one of {sorted(_VERSION_FIELDS)}, got {version!r:.40}"
             )
-        expected = _FIELDS if version == WIRE_VERSION else _FIELDS + _FEATURE_FIELDS
+        expected = _VERSION_FIELDS[version]
         missing = [name for name in expected if name not in fields]
         unknown = sorted(str(name) for name in fields if name not in expected)
         if missing or unknown:
-            raise KVTransferError(f"header: missing fields {missing}, unknown fields {unknown}")
+            raise KVTransferError(
+                f"header: missing fields {missing}, unknown fields {unknown} for version {version}"
+            )
         if not isinstance(fields["block_hashes"], list):
             raise KVTransferError("block_hashes: expected a list of bytes")
         if version == WIRE_VERSION_FEATURES and fields["features_dim"] is None:
             raise KVTransferError(f"features_dim: required by version {version}, got None")
+        if version == WIRE_VERSION_STATE and fields["state_tensors"] is None:
+            raise KVTransferError(f"state_tensors: required by version {version}, got None")
         return cls(**fields)
 
 
@@ -232,6 +299,9 @@ class UnpackedKV(NamedTuple):
 
     kv: torch.Tensor  # [L, 2, B, S, H, D]
     features: torch.Tensor | None  # [num_tokens, features_dim], or None
+    # The Titans memory state by tensor name, in header order (``MemoryStatePool.read``'s
+    # layout), or None when the header describes none.
+    memory_state: dict[str, torch.Tensor] | None = None
 
 
 def pack_kv(
@@ -241,15 +311,18 @@ def pack_kv(
     with_checksum: bool = False,
     *,
     features: torch.Tensor | None = None,
+    memory_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[KVBlockHeader, np.ndarray]:
     """Header and host (numpy) payload of a [L, 2, B, S, H, D] KV tensor on any device, and
-    optionally the [num_tokens, E] features of the same tokens (``ExportedKV.features``).
+    optionally the [num_tokens, E] features of the same tokens (``ExportedKV.features``) and a
+    Titans memory state (``ExportedKV.memory_state``, tensors by name; version 3).
 
     A tensor on an accelerator is staged to host memory here (one device-to-host copy: the
     bytes must be in host memory to be published). KV alone: the array is typed (bfloat16 as
     its uint16 bits), and zero-copy when ``kv`` is a contiguous CPU tensor (it shares the
-    memory: don't modify ``kv`` while the payload is published). With features: one flat
-    uint8 array, the KV bytes then the features bytes (a copy).
+    memory: don't modify ``kv`` while the payload is published). With features or a memory
+    state: one flat uint8 array, the KV bytes, the features bytes, then each state tensor's
+    bytes (a copy).
     """
     kv = _host_tensor("kv", kv)
     if kv.dim() != 6 or kv.shape[1] != 2:
@@ -271,6 +344,16 @@ def pack_kv(
             "features_dtype": _DTYPE_NAMES[features.dtype],
             "features_checksum": (zlib.crc32(_byte_view(feature_array)) if with_checksum else None),
         }
+    state_arrays: list[np.ndarray] = []
+    if memory_state is not None:
+        specs, state_arrays = _state_arrays(memory_state)
+        state_checksum = None
+        if with_checksum:
+            state_checksum = 0
+            for state_array in state_arrays:  # incremental: the CRC of the bytes back to back
+                state_checksum = zlib.crc32(_byte_view(state_array), state_checksum)
+        fields.update(state_tensors=specs, state_checksum=state_checksum)
+    parts = [array, *([] if feature_array is None else [feature_array]), *state_arrays]
     header = KVBlockHeader(
         num_layers=num_layers,
         num_blocks=num_blocks,
@@ -280,15 +363,17 @@ def pack_kv(
         dtype=_DTYPE_NAMES[kv.dtype],
         block_hashes=tuple(block_hashes),
         num_tokens=num_tokens,
-        nbytes=array.nbytes + (0 if feature_array is None else feature_array.nbytes),
+        nbytes=sum(part.nbytes for part in parts),
         checksum=zlib.crc32(_byte_view(array)) if with_checksum else None,
         **fields,
     )
-    if feature_array is None:
+    if len(parts) == 1:
         return header, array
-    flat = np.empty(header.nbytes, dtype=np.uint8)  # [KV bytes | features bytes]
-    flat[: array.nbytes] = _byte_view(array)
-    flat[array.nbytes :] = _byte_view(feature_array)
+    flat = np.empty(header.nbytes, dtype=np.uint8)  # [KV | features | state tensors...]
+    offset = 0
+    for part in parts:
+        flat[offset : offset + part.nbytes] = _byte_view(part)
+        offset += part.nbytes
     return header, flat
 
 
@@ -311,8 +396,9 @@ def unpack_kv(
 def unpack_payload(
     header: KVBlockHeader, payload: KVPayload, device: torch.device | str | None = None
 ) -> UnpackedKV:
-    """The KV and (when the header describes them) the features that ``payload`` holds, after
-    the checks of ``unpack_kv``; on ``device`` when given (else zero-copy views)."""
+    """The KV and (when the header describes them) the features and the memory state that
+    ``payload`` holds, after the checks of ``unpack_kv``; on ``device`` when given (else
+    zero-copy views, except state tensors at an offset their dtype cannot view: copies)."""
     if not isinstance(header, KVBlockHeader):
         raise KVTransferError(f"header: expected KVBlockHeader, got {type(header).__name__}")
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -335,7 +421,9 @@ def unpack_payload(
     else:
         raise KVTransferError(f"payload: unsupported type {type(payload).__name__}")
     raw = tensor.reshape(-1).view(torch.uint8)  # [nbytes]
-    kv_raw, feature_raw = raw[: header.kv_nbytes], raw[header.kv_nbytes :]
+    # [KV | features | state]: each part's bytes, sizes from the header (checked to add up).
+    features_end = header.kv_nbytes + header.features_nbytes
+    kv_raw, feature_raw = raw[: header.kv_nbytes], raw[header.kv_nbytes : features_end]
     _check_crc("checksum", kv_raw, header.checksum)
     kv = kv_raw.view(header.torch_dtype).reshape(header.shape)  # [L, 2, B, S, H, D]
     features = None
@@ -345,10 +433,17 @@ def unpack_payload(
         # has an even element count of a 2- or 4-byte dtype), so the features stay aligned.
         feature_dtype = _DTYPES[header.features_dtype][0]
         features = feature_raw.view(feature_dtype).reshape(header.features_shape)  # [N, E]
+    memory_state = None
+    if header.state_tensors is not None:
+        state_raw = raw[features_end:]
+        _check_crc("state_checksum", state_raw, header.state_checksum)
+        memory_state = _state_views(header.state_tensors, state_raw)
     if device is not None:
         kv = kv.to(device)
         features = None if features is None else features.to(device)
-    return UnpackedKV(kv, features)
+        if memory_state is not None:
+            memory_state = {name: t.to(device) for name, t in memory_state.items()}
+    return UnpackedKV(kv, features, memory_state)
 
 
 def check_payload(header: KVBlockHeader, payload: KVPayload) -> None:
@@ -396,6 +491,92 @@ def _host_tensor(name: str, tensor: object) -> torch.Tensor:
 def _typed_array(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
     return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _state_arrays(
+    memory_state: Mapping[str, torch.Tensor],
+) -> tuple[tuple[StateTensorSpec, ...], list[np.ndarray]]:
+    """The header's description and the host arrays of a memory state, in the dict's order."""
+    if not isinstance(memory_state, Mapping) or not memory_state:
+        what = "an empty dict" if isinstance(memory_state, Mapping) else type(memory_state).__name__
+        raise KVTransferError(f"memory_state: expected a non-empty dict of tensors, got {what}")
+    specs: list[StateTensorSpec] = []
+    arrays: list[np.ndarray] = []
+    for name, tensor in memory_state.items():
+        label = f"memory_state[{name!r:.60}]"
+        if not isinstance(name, str):
+            raise KVTransferError(f"{label}: expected a string name, got {type(name).__name__}")
+        tensor = _host_tensor(label, tensor)
+        specs.append((name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)))
+        arrays.append(_typed_array(tensor))
+    # The checks a receiver runs on the header: a bad name fails here, at the sender, already.
+    return _checked_state_specs(specs, field="memory_state"), arrays
+
+
+def _checked_state_specs(
+    specs: object, field: str = "state_tensors"
+) -> tuple[StateTensorSpec, ...]:
+    """``specs`` as a tuple of (name, dtype, shape) after checking every part of every entry
+    (``field`` names where they came from in errors)."""
+    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+        raise KVTransferError(
+            f"{field}: expected a list of [name, dtype, shape], got {type(specs).__name__}"
+        )
+    if not 1 <= len(specs) <= MAX_STATE_TENSORS:
+        raise KVTransferError(f"{field}: {len(specs)} tensors outside [1, {MAX_STATE_TENSORS}]")
+    checked: list[StateTensorSpec] = []
+    names: set[str] = set()
+    for i, spec in enumerate(specs):
+        where = f"{field}[{i}]"
+        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or len(spec) != 3:
+            raise KVTransferError(f"{where}: expected [name, dtype, shape], got {spec!r:.60}")
+        name, dtype, shape = spec
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_STATE_NAME_CHARS:
+            raise KVTransferError(
+                f"{where}.name: expected a string of 1 to {MAX_STATE_NAME_CHARS} characters, "
+                f"got {name!r:.60}"
+            )
+        if not (name.isascii() and name.isprintable()):
+            raise KVTransferError(f"{where}.name: expected printable ASCII, got {name!r:.60}")
+        if name in names:
+            raise KVTransferError(f"{where}.name: {name!r} appears twice")
+        names.add(name)
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise KVTransferError(
+                f"{where}.dtype: expected one of {sorted(_DTYPES)}, got {dtype!r:.40}"
+            )
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            raise KVTransferError(f"{where}.shape: expected a list of ints, got {shape!r:.60}")
+        if len(shape) > MAX_STATE_DIMS:
+            raise KVTransferError(f"{where}.shape: {len(shape)} dims exceed {MAX_STATE_DIMS}")
+        for d, size in enumerate(shape):
+            _check_int(f"{where}.shape[{d}]", size, low=0, high=MAX_DIM)
+        checked.append((name, dtype, tuple(shape)))
+    return tuple(checked)
+
+
+def _spec_nbytes(spec: StateTensorSpec) -> int:
+    _, dtype, shape = spec
+    return math.prod(shape) * _DTYPES[dtype][1].itemsize
+
+
+def _state_views(specs: tuple[StateTensorSpec, ...], raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each state tensor in ``raw`` (their bytes back to back; the total was checked against
+    the header's nbytes): a view where its offset suits its dtype, else a copy."""
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    for spec in specs:
+        name, dtype, shape = spec
+        torch_dtype, numpy_dtype = _DTYPES[dtype]
+        size = _spec_nbytes(spec)
+        part = raw[offset : offset + size]
+        if part.storage_offset() % numpy_dtype.itemsize:
+            # Packed without padding: after an odd number of 2-byte elements a float32 tensor
+            # sits at an offset no dtype view allows, so it gets its own (aligned) copy.
+            part = part.clone()
+        tensors[name] = part.view(torch_dtype).reshape(shape)
+        offset += size
+    return tensors
 
 
 def _check_crc(name: str, raw: torch.Tensor, expected: int | None) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import re
 import time
 
+import msgpack
 import pytest
 import ray
 import torch
@@ -39,6 +41,18 @@ def make_kv(dtype: str, seed: int, shape: tuple[int, ...] = SHAPE) -> torch.Tens
     return torch.randn(shape, generator=generator).to(DTYPES[dtype])
 
 
+def make_state(seed: int) -> dict[str, torch.Tensor]:
+    """A Titans memory state as ``MemoryStatePool.read`` lays it out: float32 weights and
+    momentum, 3 pending rows in the model dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for j, shape in enumerate([(2, 8, 16), (2, 16, 8)]):
+        state[f"layers.1.weights.{j}"] = torch.randn(shape, generator=generator)
+        state[f"layers.1.momentum.{j}"] = torch.randn(shape, generator=generator)
+    state["layers.1.pending"] = torch.randn((3, 32), generator=generator).to(torch.bfloat16)
+    return state
+
+
 @ray.remote(**RAY_DIRECT_ACTOR_OPTIONS)
 class KVPeer(RayDirectKVEndpoint):
     """A stand-in for a prefill/decode instance: one transfer object per backend."""
@@ -56,6 +70,31 @@ class KVPeer(RayDirectKVEndpoint):
             kv, hashes, num_tokens=shape[2] * shape[3] - 1, with_checksum=checksum
         )
         return self.transfers[backend].publish(header, array)
+
+    def publish_state(self, backend: str, seed: int, corrupt_after_publish: bool = False):
+        """A KV with a memory state (wire version 3, checksummed). ``corrupt_after_publish``:
+        flip a state bit in the published memory, as a fault in transit would (only backends
+        that serve fetches from the sender's memory send it)."""
+        header, flat = pack_kv(
+            make_kv("bfloat16", seed),
+            [bytes([i]) * 16 for i in range(SHAPE[2] - 1)],
+            num_tokens=SHAPE[2] * SHAPE[3] - 1,
+            with_checksum=True,
+            memory_state=make_state(seed),
+        )
+        handle = self.transfers[backend].publish(header, flat)
+        if corrupt_after_publish:
+            flat[-1] ^= 0x01
+        return handle
+
+    def fetch_state_equal(self, backend: str, handle: KVHandle, seed: int) -> bool:
+        out = self.transfers[backend].fetch(handle)
+        expected = make_state(seed)
+        return (
+            torch.equal(out.kv, make_kv("bfloat16", seed))
+            and list(out.memory_state) == list(expected)
+            and all(torch.equal(out.memory_state[k], v) for k, v in expected.items())
+        )
 
     def fetch_equal(
         self, backend: str, handle: KVHandle, dtype: str, seed: int, shape=SHAPE
@@ -123,6 +162,64 @@ def test_tampered_handle_fails(peers, backend):
     for what, error in zip(bad_handles, errors, strict=True):
         assert error.startswith("KVTransferError"), (what, error)
     assert ray.get(receiver.fetch_error.remote(backend, handle)) == "ok"
+    ray.get(sender.release.remote(backend, handle))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_state_arrives_intact(peers, backend):
+    sender, receiver = peers
+    handle = ray.get(sender.publish_state.remote(backend, seed=11))
+    assert handle.kv_header().version == 3
+    assert ray.get(receiver.fetch_state_equal.remote(backend, handle, 11))
+    assert ray.get(sender.release.remote(backend, handle)) == 0
+
+
+def with_state_specs(handle: KVHandle, index: int, **part) -> KVHandle:
+    """The handle with state tensor ``index``'s name, dtype or shape changed, packed as raw
+    msgpack (so even a description KVBlockHeader would refuse to build can be sent)."""
+    fields = msgpack.unpackb(handle.header)
+    for key, value in part.items():
+        fields["state_tensors"][index][("name", "dtype", "shape").index(key)] = value
+    return dataclasses.replace(handle, header=msgpack.packb(fields, use_bin_type=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tampered_state_header_fails_naming_the_field(peers, backend):
+    sender, receiver = peers
+    handle = ray.get(sender.publish_state.remote(backend, seed=12))
+    bad_handles = {
+        # Same byte count, another layout: only the header sent with the bytes can tell.
+        "transposed weights": (with_state_specs(handle, 0, shape=[2, 16, 8]), "header: the"),
+        "other name": (with_state_specs(handle, 0, name="layers.2.weights.0"), "header: the"),
+        "other checksum": (tampered(handle, state_checksum=1), "header: the"),
+        "non-ASCII name": (with_state_specs(handle, 1, name="layers.1.momentüm.0"), r"\[1\]\.name"),
+        "int dtype": (with_state_specs(handle, 4, dtype="int8"), r"\[4\]\.dtype"),
+        "negative dim": (with_state_specs(handle, 2, shape=[2, -16, 8]), r"\[2\]\.shape\[1\]"),
+        "bigger state": (with_state_specs(handle, 4, shape=[4, 32]), "^nbytes"),
+        "dropped state": (
+            dataclasses.replace(
+                handle,
+                header=msgpack.packb(
+                    {**msgpack.unpackb(handle.header), "state_tensors": None}, use_bin_type=True
+                ),
+            ),
+            "^state_tensors: required",
+        ),
+    }
+    errors = ray.get([receiver.fetch_error.remote(backend, h) for h, _ in bad_handles.values()])
+    for (what, (_, match)), error in zip(bad_handles.items(), errors, strict=True):
+        assert error.startswith("KVTransferError: "), (what, error)
+        assert re.search(match, error.removeprefix("KVTransferError: ")), (what, error)
+    assert ray.get(receiver.fetch_error.remote(backend, handle)) == "ok"
+    ray.get(sender.release.remote(backend, handle))
+
+
+@pytest.mark.parametrize("backend", ["ray_direct", BACKENDS[2]])
+def test_state_bytes_corrupted_in_transit_fail_the_checksum(peers, backend):
+    sender, receiver = peers
+    handle = ray.get(sender.publish_state.remote(backend, seed=13, corrupt_after_publish=True))
+    error = ray.get(receiver.fetch_error.remote(backend, handle))
+    assert error.startswith("KVTransferError: state_checksum: payload CRC-32"), error
     ray.get(sender.release.remote(backend, handle))
 
 

@@ -57,3 +57,20 @@ def test_clear_and_evict():
     assert store.evict(_key(0)) and not store.evict(_key(0))
     assert store.clear() == 1 and store.used_bytes == 0
     store.check_invariants()
+
+
+def test_replace_swaps_a_block_for_a_larger_one_and_peek_changes_nothing():
+    """A Titans block first stored without its memory snapshot, then with it: the new value
+    and size replace the old (making room by evicting others, never the block itself)."""
+    store: BlockStore[str] = BlockStore(capacity_bytes=300)
+    store.put(_key(0), "kv", 100)
+    store.put(_key(1), "other", 100)
+    store.put(_key(2), "third", 100)
+    assert store.peek(_key(0)) == "kv" and store.peek(_key(9)) is None
+    assert store.put(_key(0), "kv+state", 100) == [] and store.peek(_key(0)) == "kv"
+    assert store.put(_key(0), "kv+state", 150, replace=True) == [_key(1)]
+    assert store.peek(_key(0)) == "kv+state" and store.used_bytes == 250
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.evictions) == (0, 0, 1)  # peek is not a read
+    assert store.put(_key(3), "new", 100) == [_key(2)]  # the replaced block counts as recent
+    store.check_invariants()

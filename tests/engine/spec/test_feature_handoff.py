@@ -68,7 +68,8 @@ def _handoff(prefill: LLMEngine, decode: LLMEngine, with_features: bool) -> list
             features=exported.features if with_features else None,
         )
         received = KVBlockHeader.from_msgpack(header.to_msgpack())
-        kv, features = unpack_payload(received, payload.tobytes())
+        unpacked = unpack_payload(received, payload.tobytes())
+        kv, features = unpacked.kv, unpacked.features
         assert (features is not None) == with_features
         # The decode side checks the header's hashes against the prompt it was sent.
         decode.check_prompt_block_hashes(token_ids, received.block_hashes)
