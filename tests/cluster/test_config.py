@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from raycake.cluster.config import ClusterConfig
@@ -25,17 +27,37 @@ def test_titans_cluster_config_serves_the_titans_model():
     assert config.engine.speculative is None  # Titans refuses speculative decoding
 
 
-def test_kuberay_job_asks_for_the_instance_resource():
-    job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob-demo.yaml").read_text())
-    assert job["kind"] == "RayJob"
-    spec = job["spec"]["rayClusterSpec"]
-    assert spec["enableInTreeAutoscaling"] is True
-    assert "raycake_instance" in spec["workerGroupSpecs"][0]["rayStartParams"]["resources"]
+def kuberay_worker_resources(manifest: str) -> dict[str, dict[str, float]]:
+    """Each worker group's custom resources in a deploy/kuberay manifest, by group name."""
+    resource = yaml.safe_load((ROOT / "deploy" / "kuberay" / manifest).read_text())
+    spec = resource["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    assert cluster["enableInTreeAutoscaling"] is True
+    # rayStartParams values are strings; `resources` is a quoted JSON object, as in KubeRay's docs.
+    return {
+        group["groupName"]: json.loads(json.loads(group["rayStartParams"]["resources"]))
+        for group in cluster["workerGroupSpecs"]
+    }
 
 
-def test_kuberay_cluster_config_places_instances_on_the_worker_group():
+@pytest.mark.parametrize("manifest", ["raycluster.yaml", "rayjob-demo.yaml", "rayservice.yaml"])
+def test_kuberay_worker_groups_offer_one_resource_per_role(manifest):
+    groups = kuberay_worker_resources(manifest)
+    assert set(groups) == {"prefill", "decode"}
+    # One instance of its role per pod, and never the other role's resource.
+    assert groups["prefill"]["raycake_prefill"] == groups["decode"]["raycake_decode"] == 1
+    assert "raycake_decode" not in groups["prefill"] and "raycake_prefill" not in groups["decode"]
+
+
+@pytest.mark.parametrize("manifest", ["raycluster.yaml", "rayjob-demo.yaml", "rayservice.yaml"])
+def test_kuberay_cluster_config_asks_only_for_what_every_worker_group_offers(manifest):
+    # One instance_resources for every actor (instances and store shards) today, so any group
+    # may have to host any of them.
     config = ClusterConfig.from_file(ROOT / "examples" / "cluster-kuberay.yaml")
     assert config.instance_resources == {"raycake_instance": 1}
+    for name, offered in kuberay_worker_resources(manifest).items():
+        for resource, amount in config.instance_resources.items():
+            assert offered.get(resource, 0) >= amount, (name, resource)
 
 
 def test_cluster_yaml_turns_on_int8_and_expert_shards(tmp_path):
