@@ -112,12 +112,27 @@ def _train(args: argparse.Namespace) -> int:
         if getattr(args, f.name, None) is not None
     }
     report = train(TrainConfig(**overrides))
+    recall = (
+        ""
+        if report.recall_accuracy is None
+        else f"; recall {report.recall_accuracy:.1%} at distance {report.recall_distance}"
+    )
     print(
         f"parameters {report.num_parameters:,}; held-out loss {report.held_out_loss:.3f} "
         f"(perplexity {report.held_out_perplexity:.1f}) vs unigram {report.unigram_loss:.3f} "
-        f"(perplexity {report.unigram_perplexity:.1f}); {report.seconds:.0f} s"
+        f"(perplexity {report.unigram_perplexity:.1f}){recall}; {report.seconds:.0f} s"
     )
     return 0
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """argparse type for a tuple field: comma-separated integers ("1,3"; "": empty)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _train_eagle(args: argparse.Namespace) -> int:
@@ -391,10 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="also write the JSON report to this file")
     bench.set_defaults(func=_bench)
 
-    tr = sub.add_parser("train", help="train the embedded default model on the stdlib corpus")
+    tr = sub.add_parser(
+        "train", help="train an embedded model (Llama, Switch-MoE, Titans MAG) on the stdlib corpus"
+    )
     tr.add_argument("--out-dir", dest="out_dir", required=True)
     # One flag per TrainConfig field, typed from the field: the config is the only list.
-    types = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str}
+    types = {
+        "int": int,
+        "int | None": int,
+        "float": float,
+        "str": str,
+        "str | None": str,
+        "tuple[int, ...]": _int_tuple,
+    }
     for f in fields(TrainConfig):
         if f.name != "out_dir":
             tr.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type])

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raycake.model.config import SUPPORTED_DTYPES
-from raycake.validation import check_positive_int, require
+from raycake.validation import (
+    check_choice,
+    check_count,
+    check_int,
+    check_number,
+    check_positive_int,
+    is_int,
+    require,
+)
+
+# ``raycake train --arch``: a dense (or Switch-MoE) Llama, or Titans MAG on the same decoder.
+TRAIN_ARCHS = ("llama", "titans-mag")
 
 
 @dataclass(frozen=True)
@@ -44,8 +55,33 @@ class TrainConfig:
     decoder_sparse_step: int = 2
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01
+    arch: str = "llama"
+    # titans-mag only: each layer attends over the last sliding_window tokens plus
+    # num_persistent_tokens learned K/V; the layers in memory_layers (empty: all) gate that with a
+    # neural memory of memory_heads x memory_head_dim, a memory_depth-layer MLP of width
+    # memory_expansion x memory_head_dim, updated every memory_chunk_size tokens. The serving
+    # engine's KV block size (16 by default) must divide memory_chunk_size.
+    sliding_window: int = 32
+    num_persistent_tokens: int = 4
+    memory_layers: tuple[int, ...] = ()
+    memory_heads: int = 2
+    memory_head_dim: int = 64
+    memory_depth: int = 2
+    memory_expansion: int = 2
+    memory_chunk_size: int = 16
+    # The memory's per-token learning rate theta is memory_max_lr x sigmoid(.): the cap bounds
+    # how far one chunk's update can move the memory (the model learns the rest of the gate).
+    memory_max_lr: float = 1.0
+    # This fraction of each batch's sequences (rounded) is a synthetic passkey-recall sequence
+    # (raycake.training.recall) built from train files, so that a windowed model learns to use
+    # its memory for what the window cannot see; 0: plain corpus windows only.
+    recall_fraction: float = 0.0
+    # torch intra-op threads for the run; None: torch's default (one per core). On a machine
+    # shared with other jobs, 1 avoids the stalls of more threads than free cores.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_choice("train.arch", self.arch, TRAIN_ARCHS)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -75,6 +111,8 @@ class TrainConfig:
         require(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
         if self.max_corpus_files is not None:
             check_positive_int("train.max_corpus_files", self.max_corpus_files)
+        if self.num_threads is not None:
+            check_positive_int("train.num_threads", self.num_threads)
         require(
             self.save_dtype in SUPPORTED_DTYPES,
             "train.save_dtype",
@@ -102,6 +140,38 @@ class TrainConfig:
                 self.capacity_factor,
             )
             require(self.aux_loss_coef >= 0, "train.aux_loss_coef", ">= 0", self.aux_loss_coef)
+        self._check_titans()
+
+    def _check_titans(self) -> None:
+        """The titans-mag knobs; checked whatever the arch, so a bad flag never passes silently."""
+        for name in (
+            "sliding_window",
+            "memory_heads",
+            "memory_head_dim",
+            "memory_expansion",
+            "memory_chunk_size",
+        ):
+            check_positive_int(f"train.{name}", getattr(self, name))
+        check_int("train.memory_depth", self.memory_depth, low=2)
+        check_number(
+            "train.memory_max_lr", self.memory_max_lr, low=0.0, low_exclusive=True, high=1.0
+        )
+        check_count("train.num_persistent_tokens", self.num_persistent_tokens)
+        require(
+            isinstance(self.memory_layers, tuple)
+            and all(is_int(i) and 0 <= i < self.num_hidden_layers for i in self.memory_layers),
+            "train.memory_layers",
+            f"a tuple of layer indices in [0, {self.num_hidden_layers}) (empty: every layer)",
+            self.memory_layers,
+        )
+        check_number("train.recall_fraction", self.recall_fraction, low=0.0, high=0.5)
+        if self.arch == "titans-mag":
+            require(
+                self.num_experts == 0,
+                "train.num_experts",
+                "0 for arch 'titans-mag' (its decoder is dense)",
+                self.num_experts,
+            )
 
 
 @dataclass(frozen=True)

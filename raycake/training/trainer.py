@@ -1,5 +1,5 @@
-"""Train the embedded models: BPE on the stdlib, then a small Llama 3 (or its Switch-MoE
-variant) from scratch.
+"""Train the embedded models: BPE on the stdlib, then a small Llama 3 (or its Switch-MoE or
+Titans MAG variant) from scratch.
 
 Writes a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) plus ``train_report.json`` and ``loss_curve.png`` beside it.
@@ -19,13 +19,25 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from raycake.model.config import ModelConfig, MoEConfig
+from raycake.model.config import (
+    TITANS_ARCHITECTURE,
+    ModelConfig,
+    MoEConfig,
+    NeuralMemoryConfig,
+    TitansConfig,
+)
 from raycake.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from raycake.model.loader import save_checkpoint
 from raycake.model.moe import MoEStats
+from raycake.model.titans_mag import TitansMAGForCausalLM, build_model
 from raycake.training.bpe import BOS, EOS, save_tokenizer, train_bpe
 from raycake.training.config import TrainConfig
 from raycake.training.corpus import read_texts, split_corpus
+from raycake.training.recall import RecallSample, RecallTask, teacher_forced_accuracy
+
+# The recall evaluation's needle sits this many sliding windows back: beyond what a window
+# reaches through the stacked layers of the default 4-layer model (4 x (window - 1) tokens).
+RECALL_DISTANCE_WINDOWS = 4
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,10 @@ class TrainReport:
     # capacity factor, and the busiest expert's load over the mean (1.0 = balanced).
     train_drop_rate: float = 0.0
     train_imbalance: float = 1.0
+    # With recall_fraction > 0: held-out passkey trials answered exactly (teacher-forced), the
+    # needle recall_distance filler tokens before the query.
+    recall_accuracy: float | None = None
+    recall_distance: int = 0
 
 
 def encode_corpus(tokenizer, texts: list[str]) -> np.ndarray:
@@ -65,10 +81,29 @@ def unigram_cross_entropy(train: np.ndarray, held_out: np.ndarray, vocab_size: i
     return float(-log_probs[held_out].mean())
 
 
+def titans_config_for(cfg: TrainConfig) -> TitansConfig:
+    return TitansConfig(
+        sliding_window=cfg.sliding_window,
+        memory=NeuralMemoryConfig(
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.memory_heads,
+            head_dim=cfg.memory_head_dim,
+            depth=cfg.memory_depth,
+            expansion=cfg.memory_expansion,
+            chunk_size=cfg.memory_chunk_size,
+            max_lr=cfg.memory_max_lr,
+        ),
+        num_persistent_tokens=cfg.num_persistent_tokens,
+        memory_layers=cfg.memory_layers,
+    )
+
+
 def model_config_for(cfg: TrainConfig, tokenizer) -> ModelConfig:
-    moe = {}
-    if cfg.num_experts:
-        moe = {
+    arch: dict = {}
+    if cfg.arch == "titans-mag":
+        arch = {"architecture": TITANS_ARCHITECTURE, "titans": titans_config_for(cfg)}
+    elif cfg.num_experts:
+        arch = {
             "architecture": "SwitchLlamaForCausalLM",
             "num_experts": cfg.num_experts,
             "num_experts_per_tok": 1,
@@ -88,7 +123,7 @@ def model_config_for(cfg: TrainConfig, tokenizer) -> ModelConfig:
         tie_word_embeddings=True,
         bos_token_id=tokenizer.token_to_id(BOS),
         eos_token_ids=(tokenizer.token_to_id(EOS),),
-        **moe,
+        **arch,
     )
 
 
@@ -127,6 +162,11 @@ def init_weights(model: LlamaForCausalLM, num_layers: int) -> None:
                 else 0.02
             )
             torch.nn.init.normal_(param, std=std)
+    # The memories' own starting points matter more than N(0, 0.02): their learned initial
+    # memory M_0 (xavier) and the forgetting gate's bias (an untrained memory that forgets little).
+    if isinstance(model, TitansMAGForCausalLM):
+        for memory in model.memories().values():
+            memory.reset_memory_parameters()
 
 
 def _batch(
@@ -135,6 +175,46 @@ def _batch(
     windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     data = torch.from_numpy(windows)
     return data[:, :-1], data[:, 1:]
+
+
+def training_batch(
+    cfg: TrainConfig,
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    recall: RecallTask | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size random windows of ``tokens``; with ``recall``, the first recall_rows of them
+    replaced by passkey sequences cut from the same tokens."""
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+    windows = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
+    if recall is not None:
+        for row in range(recall_rows(cfg)):
+            windows[row] = recall.training_sequence(tokens, cfg.seq_len + 1, rng)
+    data = torch.from_numpy(windows)
+    return data[:, :-1], data[:, 1:]
+
+
+def recall_rows(cfg: TrainConfig) -> int:
+    """Recall sequences per batch: recall_fraction of it, rounded, at least one when asked for."""
+    if cfg.recall_fraction == 0:
+        return 0
+    return max(1, round(cfg.recall_fraction * cfg.batch_size))
+
+
+def recall_eval_set(
+    cfg: TrainConfig, recall: RecallTask, held_tokens: np.ndarray
+) -> list[RecallSample]:
+    """Held-out passkey trials (fresh keys, their own seed), needle RECALL_DISTANCE_WINDOWS
+    windows back; they must fit the trained context."""
+    distance = RECALL_DISTANCE_WINDOWS * cfg.sliding_window
+    needed = distance + recall.max_overhead()
+    if needed > cfg.seq_len:
+        raise ValueError(
+            f"train.seq_len: expected >= {needed} so that the recall task (a needle "
+            f"{RECALL_DISTANCE_WINDOWS} x sliding_window = {distance} tokens back) fits the "
+            f"trained context, got {cfg.seq_len}"
+        )
+    return recall.eval_samples(held_tokens, cfg.eval_batches * 16, distance, seed=cfg.seed + 1)
 
 
 def evaluate(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, max_windows: int) -> float:
@@ -191,6 +271,17 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
 
 def train(cfg: TrainConfig) -> TrainReport:
     """Run the whole pipeline and write the checkpoint folder ``cfg.out_dir``."""
+    # torch's thread count is process-wide: restore it for whatever runs next in this process.
+    threads = torch.get_num_threads()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig) -> TrainReport:
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
@@ -212,10 +303,13 @@ def train(cfg: TrainConfig) -> TrainReport:
     train_tokens = encode_corpus(tokenizer, train_texts)
     held_tokens = encode_corpus(tokenizer, held_texts)
 
+    recall = RecallTask(tokenizer) if cfg.recall_fraction > 0 else None
+    recall_samples = recall_eval_set(cfg, recall, held_tokens) if recall is not None else []
+
     model_config = model_config_for(cfg, tokenizer)
     # Training routes as the Switch paper trains: top-1 with tokens past capacity dropped.
     moe = MoEConfig(router="switch", capacity_factor=cfg.capacity_factor)
-    model = LlamaForCausalLM(model_config, moe if cfg.num_experts else None)
+    model = build_model(model_config, moe if cfg.num_experts else None)
     init_weights(model, cfg.num_hidden_layers)
     num_parameters = sum(p.numel() for p in model.parameters())
     moe_stats = MoEStats(cfg.num_experts) if cfg.num_experts else None
@@ -236,10 +330,12 @@ def train(cfg: TrainConfig) -> TrainReport:
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        starts = rng.integers(0, len(train_tokens) - cfg.seq_len - 1, size=cfg.batch_size)
-        x, y = _batch(train_tokens, starts, cfg.seq_len)
+        x, y = training_batch(cfg, train_tokens, rng, recall)
         logits = model.compute_logits(model(x, positions))
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if not torch.isfinite(loss):
+            # Every later step would be NaN too: stop now rather than ship a broken model.
+            raise FloatingPointError(f"train: loss is {loss.item()} at step {step}")
         objective = loss
         if moe_stats is not None:
             objective = loss + cfg.aux_loss_coef * torch.stack(moe_losses(model)).sum()
@@ -253,7 +349,11 @@ def train(cfg: TrainConfig) -> TrainReport:
         history.append({"step": step, "train_loss": loss.item()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             held = evaluate(model, held_tokens, cfg.seq_len, cfg.eval_batches * 16)
-            history.append({"step": step, "held_out_loss": held})
+            point = {"step": step, "held_out_loss": held}
+            if recall_samples:
+                point["recall_accuracy"] = teacher_forced_accuracy(model, recall_samples)
+            point["seconds"] = time.perf_counter() - started
+            history.append(point)
             progress.set_postfix(loss=f"{loss.item():.3f}", held_out=f"{held:.3f}")
 
     save_checkpoint(model, out_dir, dtype=cfg.save_dtype)
@@ -264,6 +364,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     shipped = load_model(out_dir, dtype="float32")
     held_out_loss = evaluate(shipped, held_tokens, cfg.seq_len, max_windows=1 << 30)
     unigram = unigram_cross_entropy(train_tokens, held_tokens, cfg.vocab_size)
+    recall_accuracy = teacher_forced_accuracy(shipped, recall_samples) if recall_samples else None
     report = TrainReport(
         num_parameters=num_parameters,
         train_tokens=len(train_tokens),
@@ -277,11 +378,20 @@ def train(cfg: TrainConfig) -> TrainReport:
         num_active_parameters=active_parameters(model),
         train_drop_rate=moe_stats.drop_rate if moe_stats else 0.0,
         train_imbalance=moe_stats.imbalance if moe_stats else 1.0,
+        recall_accuracy=recall_accuracy,
+        recall_distance=RECALL_DISTANCE_WINDOWS * cfg.sliding_window if recall_samples else 0,
     )
     (out_dir / "train_report.json").write_text(
         json.dumps({"config": asdict(cfg), "report": asdict(report), "history": history}, indent=1)
         + "\n"
     )
-    title = f"Switch-MoE model ({cfg.num_experts} experts)" if cfg.num_experts else "default model"
-    plot_losses(history, out_dir / "loss_curve.png", title)
+    plot_losses(history, out_dir / "loss_curve.png", model_title(cfg))
     return report
+
+
+def model_title(cfg: TrainConfig) -> str:
+    if cfg.arch == "titans-mag":
+        return f"Titans MAG model (window {cfg.sliding_window})"
+    if cfg.num_experts:
+        return f"Switch-MoE model ({cfg.num_experts} experts)"
+    return "default model"
