@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="cluster YAML/JSON (default: 1 prefill, 1 decode, 2 shards)")
     demo.add_argument(
         "--model",
-        help="overrides the config's engine.model: a checkpoint folder, 'default' or "
-        "'default-moe' (the embedded Switch-MoE model)",
+        help="overrides the config's engine.model: a checkpoint folder, 'default', "
+        "'default-moe' (the embedded Switch-MoE model) or 'default-titans' (Titans MAG)",
     )
     demo.add_argument(
         "--num-expert-shards",
@@ -349,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="offline workload through one local engine: throughput, latency, MoE load"
     )
     bench.add_argument(
-        "--model", default="default", help="checkpoint folder, 'default' or 'default-moe'"
+        "--model",
+        default="default",
+        help="checkpoint folder, 'default', 'default-moe' or 'default-titans'",
     )
     bench.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES)
     bench.add_argument(
