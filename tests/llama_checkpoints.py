@@ -177,3 +177,14 @@ def build_raycake_checkpoint(
     if with_tokenizer:
         save_tokenizer(train_bpe(_TOKENIZER_TEXT, config.vocab_size), out_dir)
     return model.eval()
+
+
+@torch.inference_mode()
+def training_path_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens from the model's training path (no cache): the whole sequence re-run for
+    every token, the reference a serving engine must match."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        hidden = model(torch.tensor([tokens]), torch.arange(len(tokens))[None])
+        tokens.append(int(model.compute_logits(hidden[0, -1]).argmax()))
+    return tokens[len(prompt) :]

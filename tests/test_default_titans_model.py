@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from raycake import LLM, SamplingParams
 from raycake.assets import default_model_dir, default_titans_model_dir, train_command
 from raycake.model.loader import load_model, read_model_config
 from raycake.model.titans_mag import TitansMAGForCausalLM
 from raycake.training.corpus import read_texts, split_corpus
+from tests.llama_checkpoints import training_path_greedy
 
 
 def _report(model_dir) -> dict:
@@ -61,15 +60,6 @@ def test_window_memory_and_training_shape():
     assert report["recall_distance"] == 4 * titans.sliding_window
 
 
-@torch.inference_mode()
-def _training_path_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        hidden = model(torch.tensor([tokens]), torch.arange(len(tokens))[None])
-        tokens.append(int(model.compute_logits(hidden[0, -1]).argmax()))
-    return tokens[len(prompt) :]
-
-
 def test_served_greedy_tokens_equal_the_training_path_beyond_the_window():
     llm = LLM("default-titans")
     window = llm.engine.model.config.titans.sliding_window
@@ -80,4 +70,4 @@ def test_served_greedy_tokens_equal_the_training_path_beyond_the_window():
     served = llm.generate(prompt, greedy)[0].token_ids
     model = load_model(default_titans_model_dir())
     assert isinstance(model, TitansMAGForCausalLM)
-    assert served == _training_path_greedy(model, prompt, 24)
+    assert served == training_path_greedy(model, prompt, 24)

@@ -106,6 +106,13 @@ class MemoryStateCache:
         """A slot for a request (its previous contents are forgotten), or None if none is free."""
         if request_id in self._slots:
             raise ValueError(f"request {request_id!r}: already holds memory slot")
+        slot = self._take_free_slot()
+        if slot is not None:
+            self._slots[request_id] = slot
+        return slot
+
+    def _take_free_slot(self) -> int | None:
+        """The eviction policy's victim, its snapshot (if any) forgotten; None if none is free."""
         if not len(self._free):
             return None
         slot = self._free.pop_victim()
@@ -113,7 +120,6 @@ class MemoryStateCache:
         if stale is not None:
             del self._snapshots[stale]
             self._slot_hashes[slot] = None
-        self._slots[request_id] = slot
         return slot
 
     def free(self, request_id: str, snapshot_hash: bytes | None = None) -> None:
@@ -138,12 +144,9 @@ class MemoryStateCache:
         slot is free. The slot stays free (most recently used), like a finished request's."""
         if not self.enable_prefix_caching or snapshot_hash in self._snapshots:
             return None
-        if not len(self._free):
+        slot = self._take_free_slot()
+        if slot is None:
             return None
-        slot = self._free.pop_victim()
-        stale = self._slot_hashes[slot]
-        if stale is not None:
-            del self._snapshots[stale]
         self._snapshots[snapshot_hash] = slot
         self._slot_hashes[slot] = snapshot_hash
         self._free.add(slot)

@@ -18,7 +18,11 @@ from raycake.engine.llm_engine import LLMEngine
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.spec.config import SpeculativeConfig
 from raycake.model.loader import load_model
-from tests.llama_checkpoints import build_raycake_checkpoint, tiny_titans_config
+from tests.llama_checkpoints import (
+    build_raycake_checkpoint,
+    tiny_titans_config,
+    training_path_greedy,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 # Lengths around the window (12), the memory chunk (8) and the block (4).
@@ -63,12 +67,7 @@ def _reference(
     if not with_memory:  # the memory branch (and its gate) removed from every layer
         for layer in model.model.layers:
             layer.memory = None
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        ids = torch.tensor([tokens])
-        hidden = model(ids, torch.arange(len(tokens))[None])
-        tokens.append(int(model.compute_logits(hidden[0, -1]).argmax()))
-    return tokens[len(prompt) :]
+    return training_path_greedy(model, prompt, max_tokens)
 
 
 def test_engine_matches_the_training_path(model_dir):

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from raycake import LLM, SamplingParams
@@ -17,6 +16,7 @@ from raycake.model.titans_mag import TitansMAGForCausalLM
 from raycake.training.config import TrainConfig
 from raycake.training.corpus import read_texts, split_corpus
 from raycake.training.recall import RecallTask, teacher_forced_accuracy
+from tests.llama_checkpoints import training_path_greedy
 
 # Window 8, memory chunks of 8 in layer 1 only: the engine's block (4) divides the chunk.
 # Memory max_lr 0.1 as the shipped model: at 1.0 (and learning rate 0.01) the memory's values
@@ -64,22 +64,13 @@ def test_learns_and_writes_a_titans_checkpoint(trained):
     assert report["num_parameters"] == sum(p.numel() for p in model.parameters())
 
 
-@torch.inference_mode()
-def _training_path_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        hidden = model(torch.tensor([tokens]), torch.arange(len(tokens))[None])
-        tokens.append(int(model.compute_logits(hidden[0, -1]).argmax()))
-    return tokens[len(prompt) :]
-
-
 def test_checkpoint_serves_the_training_path_tokens(trained):
     llm = LLM(str(trained), block_size=4)
     text = next(t for t in read_texts(split_corpus().held_out) if len(t) > 500)
     prompt = llm.tokenizer.encode(text, add_special_tokens=False)[:37]  # > window and > chunk
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     served = llm.generate(prompt, greedy)[0].token_ids
-    assert served == _training_path_greedy(load_model(trained), prompt, 12)
+    assert served == training_path_greedy(load_model(trained), prompt, 12)
 
 
 def test_recall_sequences_hold_the_needle_and_its_answer(trained):
