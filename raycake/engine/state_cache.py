@@ -92,9 +92,11 @@ class MemoryStateCache:
     # ---- allocation ------------------------------------------------------------------------
 
     def pin(self, slot: int) -> None:
-        """Keep a free snapshot slot from being handed out until ``release_pins``."""
-        self._free.remove(slot)
-        self._pinned.append(slot)
+        """Keep a free snapshot slot from being handed out until ``release_pins``. Several
+        requests admitted in one step may start from the same snapshot: it is pinned once."""
+        if slot not in self._pinned:
+            self._free.remove(slot)
+            self._pinned.append(slot)
         self.num_snapshot_hits += 1
 
     def release_pins(self) -> None:

@@ -65,6 +65,22 @@ def test_a_pinned_snapshot_survives_allocations_until_released():
     assert cache.num_snapshot_hits == 1
 
 
+def test_two_requests_admitted_in_one_step_share_a_pinned_snapshot():
+    cache = _cache(num_slots=3)
+    cache.allocate("a")
+    cache.free("a", HASHES[1])
+    slot, _ = cache.find_snapshot(HASHES, 16)
+    for rid in ("b", "c"):  # the same prefix: both start from the snapshot
+        assert cache.find_snapshot(HASHES, 16) == (slot, 2)
+        cache.pin(slot)
+        assert cache.allocate(rid) != slot
+    cache.check_invariants()
+    cache.release_pins()
+    assert cache.num_snapshot_hits == 2
+    assert cache.find_snapshot(HASHES, 16) == (slot, 2)
+    cache.check_invariants()
+
+
 def test_no_snapshots_without_prefix_caching_and_a_duplicate_is_not_registered():
     off = _cache(enable_prefix_caching=False)
     off.allocate("a")

@@ -157,6 +157,21 @@ def test_follow_up_turn_resumes_from_the_cached_state(model_dir):
     assert out.token_ids == _run_all(uncached, [follow_up])[0]
 
 
+def test_requests_admitted_together_share_one_snapshot(model_dir):
+    engine = _engine(model_dir)
+    [first] = _run_all(engine, [PROMPTS[4]])
+    shared = PROMPTS[4] + first
+    follow_ups = [shared + _prompt(200 + i, 5) for i in range(2)]
+    ids = [engine.add_request(p, GREEDY) for p in follow_ups]  # admitted in the same step
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.scheduler.check_invariants()
+    outs = [engine.pop_finished(rid) for rid in ids]
+    assert [o.num_cached_tokens for o in outs] == [48, 48]
+    uncached = _engine(model_dir, cache={"enable_prefix_caching": False})
+    assert [o.token_ids for o in outs] == _run_all(uncached, follow_ups)
+
+
 def test_prefill_then_decode_hands_the_memory_state_over(model_dir):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     expected = _run_all(_engine(model_dir), PROMPTS, params)
