@@ -54,13 +54,14 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def write_table(rows: list[dict], name: str) -> Path:
-    """Save rows as Parquet and CSV under benchmarks/results/; return the Parquet path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_table(rows: list[dict], name: str, out_dir: Path = RESULTS_DIR) -> Path:
+    """Save rows as Parquet and CSV under ``out_dir`` (benchmarks/results/ unless given);
+    return the Parquet path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows)
-    path = RESULTS_DIR / f"{name}.parquet"
+    path = out_dir / f"{name}.parquet"
     pq.write_table(table, path)
-    pa_csv.write_csv(table, RESULTS_DIR / f"{name}.csv")
+    pa_csv.write_csv(table, out_dir / f"{name}.csv")
     return path
 
 

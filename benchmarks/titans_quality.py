@@ -27,13 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer
 
-from benchmarks.common import RESULTS_DIR, print_table
+from benchmarks.common import RESULTS_DIR, print_table, write_table
 from raycake.engine.memory_state import memory_state_bytes_per_slot
 from raycake.model.config import ModelConfig
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
@@ -199,16 +196,6 @@ def bytes_rows(
     return rows
 
 
-def write_rows(rows: list[dict], out_dir: Path, name: str) -> Path:
-    """Parquet and CSV of ``rows`` under ``out_dir``; returns the Parquet path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows)
-    path = out_dir / f"{name}.parquet"
-    pq.write_table(table, path)
-    pa_csv.write_csv(table, out_dir / f"{name}.csv")
-    return path
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--titans", default="default-titans", help="Titans MAG checkpoint")
@@ -309,10 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         ],
     )
     if history:
-        write_rows(history, args.out, "titans_quality_loss_history")
-    write_rows(now, args.out, "titans_quality_loss")
-    write_rows(recall, args.out, "titans_quality_recall")
-    print(f"saved {write_rows(sizes, args.out, 'titans_quality_bytes')} (and the other tables)")
+        write_table(history, "titans_quality_loss_history", args.out)
+    write_table(now, "titans_quality_loss", args.out)
+    write_table(recall, "titans_quality_recall", args.out)
+    print(f"saved {write_table(sizes, 'titans_quality_bytes', args.out)} (and the other tables)")
 
 
 if __name__ == "__main__":
