@@ -425,7 +425,8 @@ class LLMEngine:
         pool = self.runner.memory_pool
         if (memory_state is None) != (pool is None):
             expected = "the Titans memory state" if pool is not None else "None (not Titans)"
-            raise ValueError(f"memory_state: expected {expected}, got {_describe(memory_state)}")
+            got = type(memory_state).__name__
+            raise ValueError(f"memory_state: expected {expected}, got {got}")
         if pool is not None:
             check_memory_state(pool.expected_shapes(len(prompt_token_ids)), memory_state)
         request = Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids)
@@ -645,10 +646,6 @@ class LLMEngine:
         layers = self.model.model.layers
         for index, stats in self._moe_stats.items():
             stats.update(layers[index].last_routing)
-
-
-def _describe(value: object) -> str:
-    return "a dict of tensors" if isinstance(value, dict) else type(value).__name__
 
 
 def draft_budget_for(

@@ -69,6 +69,8 @@ class MemoryStatePool:
         self.memories = memories
         self.num_slots = num_slots
         self.device = device
+        # Every memory layer of a model is built from one config: one chunk size.
+        (self.chunk_size,) = {m.config.chunk_size for m in memories.values()}
         self.layers: dict[int, LayerStates] = {}
         for index, memory in memories.items():
             config = memory.config
@@ -159,7 +161,14 @@ class MemoryStateInputs:
         self.pool = pool
         self.num_decodes = len(decode_slots)
         self.decode_slots = torch.tensor(decode_slots, dtype=torch.long, device=device)
-        self.decode_positions = decode_positions
+        # Built once per step, shared by every memory layer (they share the chunk size): where
+        # each decode's input goes in its chunk, and the slots whose chunk it completes.
+        offsets = [p % pool.chunk_size for p in decode_positions]
+        self.decode_offsets = torch.tensor(offsets, dtype=torch.long, device=device)
+        completing = [
+            s for s, off in zip(decode_slots, offsets, strict=True) if off == pool.chunk_size - 1
+        ]
+        self.completing_slots = torch.tensor(completing, dtype=torch.long, device=device)
         self.spans = spans
 
     def run(self, layer_index: int, memory: NeuralMemory, x: torch.Tensor) -> torch.Tensor:
@@ -173,23 +182,15 @@ class MemoryStateInputs:
         return out
 
     def _decodes(self, states: LayerStates, memory: NeuralMemory, x: torch.Tensor) -> torch.Tensor:
-        chunk = memory.config.chunk_size
         slots = self.decode_slots
-        offsets = [p % chunk for p in self.decode_positions]
-        offset_index = torch.tensor(offsets, dtype=torch.long, device=x.device)
-        states.pending.index_put_((slots, offset_index), x)
-        state = states.gather(slots)
-        retrieved = memory.retrieve(state.weights, memory.project(x[:, None, :]).q)[:, 0]
-        complete = [i for i, off in enumerate(offsets) if off == chunk - 1]
-        if complete:
-            rows = torch.tensor(complete, dtype=torch.long, device=x.device)
-            done = slots.index_select(0, rows)
-            before = MemoryState(
-                tuple(w.index_select(0, rows) for w in state.weights),
-                tuple(m.index_select(0, rows) for m in state.momentum),
-            )
+        states.pending.index_put_((slots, self.decode_offsets), x)
+        # Reading needs only the weights; momentum is gathered for the completing chunks alone.
+        weights = tuple(w.index_select(0, slots) for w in states.weights)
+        retrieved = memory.retrieve(weights, memory.project(x[:, None, :]).q)[:, 0]
+        done = self.completing_slots
+        if done.numel():
             inputs = memory.project(states.pending.index_select(0, done))
-            states.scatter(done, memory.store(before, inputs))
+            states.scatter(done, memory.store(states.gather(done), inputs))
         return retrieved.float()
 
     def _span(

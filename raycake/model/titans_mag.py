@@ -26,7 +26,7 @@ from torch import nn
 
 from raycake.model.attention import AttentionMetadata
 from raycake.model.config import ModelConfig, MoEConfig
-from raycake.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, RMSNorm
+from raycake.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, RMSNorm
 from raycake.model.titans import NeuralMemory
 
 
@@ -38,15 +38,13 @@ class MemoryStep(Protocol):
         ...
 
 
-class TitansMAGDecoderLayer(nn.Module):
+class TitansMAGDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer (its attention windowed by the config), plus the memory gate."""
+
     def __init__(self, config: ModelConfig, index: int) -> None:
-        super().__init__()
-        assert config.titans is not None
+        assert config.titans is not None and not config.num_experts
+        super().__init__(config, MoEConfig(), index)
         self.index = index
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.memory: NeuralMemory | None = None
         self.gate_norm: RMSNorm | None = None
         if config.titans.has_memory(index):

@@ -15,6 +15,7 @@ import torch
 
 from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from raycake.engine.llm_engine import LLMEngine
+from raycake.engine.memory_state import memory_state_bytes_per_slot
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.spec.config import SpeculativeConfig
 from raycake.model.loader import load_model
@@ -108,10 +109,8 @@ def test_batched_chunked_and_alone_are_the_same(model_dir):
 
 
 def test_memory_slots_bound_the_running_requests(model_dir):
-    probe = _engine(model_dir)
-    per_slot = probe.runner.memory_pool and (
-        probe.config.cache.memory_state_bytes // probe.scheduler.memory_states.num_slots
-    )
+    model = load_model(model_dir)
+    per_slot = memory_state_bytes_per_slot(model.memories(), torch.float32)
     engine = _engine(model_dir, cache={"memory_state_bytes": 2 * per_slot + 1})
     assert engine.scheduler.memory_states.num_slots == 2
     ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
