@@ -7,6 +7,10 @@ Its books are soft state. Given the instances' and the store shards' actor handl
 instance and store shard holds, and the decode reservations from the instances' live loads
 (requests it did not schedule itself are re-read until they drain). Instances that the driver
 reports down are left out of its decisions until they answer again.
+
+Autoscaling: the autoscaler adds instances (``add_instance``), drains them (``drain_instance``:
+no new request goes there, those in flight finish) and removes them once ``num_in_flight`` is
+0; ``planner_signals`` is what the planner policy decides on, read from these books.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from raycake.actors.messages import InstanceLoad
 from raycake.policies.cluster_view import routable_instances
+from raycake.policies.planner import DecodeInstanceStats, PrefillInstanceStats
 from raycake.policies.scheduling import (
     ClusterView,
     DecodeInstanceView,
@@ -36,6 +41,8 @@ BANDWIDTH_EWMA = 0.3
 # How often a rebuilt conductor re-reads the decode instances' loads while requests it did not
 # schedule (in flight when it restarted) still hold blocks there.
 ORPHAN_REFRESH_S = 1.0
+# Weight of each scheduled prompt in the typical prompt length the planner signals assume.
+PROMPT_LENGTH_EWMA = 0.1
 
 
 @dataclass
@@ -45,6 +52,7 @@ class _InFlight:
     predicted_prefill_s: float
     num_blocks: int  # KV blocks reserved on the decode instance
     num_tokens: int  # prompt + max_tokens
+    num_prompt_tokens: int
 
 
 @dataclass
@@ -59,6 +67,20 @@ class _DecodeState:
     # read from the instance; 0 once they drained.
     orphan_blocks: int = 0
     orphan_running: int = 0
+
+
+@dataclass(frozen=True)
+class PlannerSignals:
+    """The load of the routable (not draining) instances since the last call: what the planner
+    policy decides on (``policies.planner.PlannerView`` without the counts, which the
+    autoscaler adds: it also counts the instances still starting)."""
+
+    prefill: tuple[PrefillInstanceStats, ...]
+    decode: tuple[DecodeInstanceStats, ...]
+    num_rejected: int  # rejected by the policy for load (not bad requests)
+    num_admitted: int
+    ttft_slo_s: float | None
+    tbt_slo_s: float | None
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,10 @@ class Conductor:
         }
         self._queued_s = {load.instance_id: 0.0 for load in prefill_loads}
         self._num_queued = {load.instance_id: 0 for load in prefill_loads}
+        self._queued_tokens = {load.instance_id: 0 for load in prefill_loads}
+        self._draining: set[str] = set()
+        self._typical_prompt_tokens = float(block_size)
+        self._window_rejected = self._window_admitted = 0
         self._store_index: BlockStore[None] | None = (
             BlockStore(store_capacity_blocks) if store_capacity_blocks > 0 else None
         )
@@ -206,8 +232,8 @@ class Conductor:
                 predicted_ttft_s=0.0,
                 predicted_tbt_s=None,
             )
-        prefill_ids = routable_instances(list(self._prefill_index), self._unavailable)
-        decode_ids = routable_instances(list(self._decode), self._unavailable)
+        prefill_ids = self._routable(self._prefill_index)
+        decode_ids = self._routable(self._decode)
         store_prefix = self._store_index.prefix_length(block_hashes) if self._store_index else 0
         request = RequestView(
             request_id=request_id,
@@ -252,18 +278,25 @@ class Conductor:
         decision = self.policy.schedule(request, cluster)
         if isinstance(decision, Rejection):
             self._rejected += 1
+            self._window_rejected += 1
             return decision
         self._scheduled += 1
+        self._window_admitted += 1
+        self._typical_prompt_tokens += PROMPT_LENGTH_EWMA * (
+            num_prompt_tokens - self._typical_prompt_tokens
+        )
         flight = _InFlight(
             prefill_id=decision.prefill_instance_id,
             decode_id=decision.decode_instance_id,
             predicted_prefill_s=decision.predicted_prefill_s,
             num_blocks=request.num_kv_blocks_needed,
             num_tokens=num_prompt_tokens + max_tokens,
+            num_prompt_tokens=num_prompt_tokens,
         )
         self._in_flight[request_id] = flight
         self._queued_s[flight.prefill_id] += flight.predicted_prefill_s
         self._num_queued[flight.prefill_id] += 1
+        self._queued_tokens[flight.prefill_id] += num_prompt_tokens
         decode = self._decode[flight.decode_id]
         decode.num_assigned += 1
         decode.reserved_blocks += flight.num_blocks
@@ -289,6 +322,7 @@ class Conductor:
             0.0, self._queued_s[flight.prefill_id] - flight.predicted_prefill_s
         )
         self._num_queued[flight.prefill_id] -= 1
+        self._queued_tokens[flight.prefill_id] -= flight.num_prompt_tokens
         flight.predicted_prefill_s = 0.0
         index = self._prefill_index[flight.prefill_id]
         for h in block_hashes:
@@ -306,6 +340,7 @@ class Conductor:
                 0.0, self._queued_s[flight.prefill_id] - flight.predicted_prefill_s
             )
             self._num_queued[flight.prefill_id] -= 1
+            self._queued_tokens[flight.prefill_id] -= flight.num_prompt_tokens
         decode = self._decode[flight.decode_id]
         decode.num_assigned -= 1
         decode.reserved_blocks -= flight.num_blocks
@@ -328,3 +363,115 @@ class Conductor:
 
     def stats(self) -> ConductorStats:
         return ConductorStats(self._scheduled, self._rejected, dict(self._queued_s), self.bandwidth)
+
+    # ---- autoscaling ---------------------------------------------------------------------------
+
+    def _routable(self, instance_ids: Any) -> list[str]:
+        """Not draining, and not reported down (unless all are: see ``routable_instances``)."""
+        serving = [iid for iid in instance_ids if iid not in self._draining]
+        return routable_instances(serving, self._unavailable)
+
+    def instances(self) -> dict[str, Any]:
+        """Actor handles of every instance, by id (draining ones included)."""
+        return dict(self._instances)
+
+    def draining_instances(self) -> list[str]:
+        return sorted(self._draining)
+
+    def add_instance(self, load: InstanceLoad, handle: Any = None) -> None:
+        """A new instance (``prefill-N`` or ``decode-N``) takes requests from now on; adding a
+        known one (the autoscaler re-syncing a restarted conductor) only renews its handle."""
+        iid = load.instance_id
+        if handle is not None:
+            self._instances[iid] = handle
+        if iid in self._prefill_index or iid in self._decode:
+            return
+        model = StepCostModel.from_dict(load.cost_model or {})
+        if iid.startswith("prefill-"):
+            self._prefill_models[iid] = model
+            self._prefill_index[iid] = BlockStore(max(1, load.free_kv_blocks))
+            self._queued_s[iid], self._num_queued[iid], self._queued_tokens[iid] = 0.0, 0, 0
+        elif iid.startswith("decode-"):
+            self._decode[iid] = _DecodeState(load, model, load.free_kv_blocks)
+        else:
+            raise ValueError(f"instance_id: expected prefill-N or decode-N, got {iid!r}")
+
+    def drain_instance(self, instance_id: str) -> None:
+        """Send no new request to the instance; those in flight there finish."""
+        self._known(instance_id)
+        role = self._prefill_index if instance_id in self._prefill_index else self._decode
+        if not [iid for iid in role if iid not in self._draining and iid != instance_id]:
+            raise ValueError(f"instance_id: {instance_id!r} is the last of its role: not drained")
+        self._draining.add(instance_id)
+
+    def num_in_flight(self, instance_id: str) -> int:
+        """Requests that still need the instance: scheduled there (a prefill instance holds the
+        published KV until the decode finished), or held across a conductor restart."""
+        self._known(instance_id)
+        count = sum(
+            instance_id in (flight.prefill_id, flight.decode_id)
+            for flight in self._in_flight.values()
+        )
+        state = self._decode.get(instance_id)
+        return count + (state.orphan_running if state else 0)
+
+    def remove_instance(self, instance_id: str) -> None:
+        """Forget a drained instance (its KV-store contributions stay in the store)."""
+        if self.num_in_flight(instance_id):
+            raise ValueError(f"instance_id: {instance_id!r} still has requests in flight")
+        for books in (
+            self._instances,
+            self._prefill_index,
+            self._prefill_models,
+            self._queued_s,
+            self._num_queued,
+            self._queued_tokens,
+            self._decode,
+        ):
+            books.pop(instance_id, None)
+        self._draining.discard(instance_id)
+        self._unavailable.discard(instance_id)
+
+    def _known(self, instance_id: str) -> None:
+        if instance_id not in self._prefill_index and instance_id not in self._decode:
+            raise ValueError(f"instance_id: no instance {instance_id!r}")
+
+    def planner_signals(self) -> PlannerSignals:
+        """The routable instances' load now, and the admissions since the last call."""
+        typical = max(1, round(self._typical_prompt_tokens))
+        prefill = tuple(
+            PrefillInstanceStats(
+                instance_id=iid,
+                predicted_ttft_s=self._queued_s[iid]
+                + self._prefill_models[iid].prefill_seconds(typical, 0),
+                queued_prefill_tokens=max(0, self._queued_tokens[iid]),
+                num_queued_requests=max(0, self._num_queued[iid]),
+            )
+            for iid in self._routable(self._prefill_index)
+        )
+        decode = []
+        for iid in self._routable(self._decode):
+            state = self._decode[iid]
+            running = state.num_assigned + state.orphan_running
+            used = state.reserved_blocks + state.orphan_blocks
+            decode.append(
+                DecodeInstanceStats(
+                    instance_id=iid,
+                    # The conductor's own prediction for the batch it placed there.
+                    tbt_s=state.cost_model.decode_step_seconds(running, state.context_tokens)
+                    if running
+                    else None,
+                    kv_utilization=min(1.0, used / max(1, state.capacity_blocks)),
+                    num_running=running,
+                )
+            )
+        signals = PlannerSignals(
+            prefill,
+            tuple(decode),
+            self._window_rejected,
+            self._window_admitted,
+            self.config.ttft_slo_s,
+            self.config.tbt_slo_s,
+        )
+        self._window_rejected = self._window_admitted = 0
+        return signals

@@ -85,6 +85,10 @@ class EngineInstance(RayDirectKVEndpoint):
     async def num_unfinished(self) -> int:
         return await self.loop.call(lambda: len(self.engine.unfinished_request_ids()))
 
+    async def is_idle(self) -> bool:
+        """No request left in the engine: a drained instance may be removed."""
+        return await self.num_unfinished() == 0
+
     async def spec_stats(self) -> SpecDecodeStats | None:
         """Speculative decoding totals since start (None without speculation)."""
         return await self.loop.call(self.engine.spec_stats)

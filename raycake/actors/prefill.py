@@ -274,6 +274,11 @@ class PrefillInstance(EngineInstance):
         """The decode instance has the KV (or the request is over): free the published copy."""
         await self.in_transfer_thread(self.transfer.release, handle)
 
+    async def is_idle(self) -> bool:
+        """No request in the engine and no block on its way to the KV store (what it
+        publishes there must outlive it)."""
+        return not self._background and await super().is_idle()
+
     async def reset_prefix_cache(self) -> None:
         """Forget locally cached blocks, once the KV store holds every block published."""
         if self._background:

@@ -28,10 +28,12 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayError
 
+from raycake.actors.autoscaler import ScalingStatus
 from raycake.actors.messages import DecodeWork, PrefillResult, PrefillWork
 from raycake.cluster.admission import ModelLimits, check_request
 from raycake.cluster.config import ClusterConfig
 from raycake.cluster.deployment import attach_deployment, launch_deployment, running_cluster_address
+from raycake.cluster.instance_actors import instance_actor_name
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.sampling_params import SamplingParams
 from raycake.model.loader import read_model_config, resolve_model_path
@@ -39,7 +41,7 @@ from raycake.model.tokenizer import Tokenizer
 from raycake.policies.scheduling import Rejection
 from raycake.telemetry import ClusterMetrics, Telemetry
 from raycake.transfer.base import KVLostError
-from raycake.validation import check_number
+from raycake.validation import check_int, check_number
 
 # How long a retry waits for a restarting instance (its engine loads and calibrates).
 INSTANCE_RESTART_TIMEOUT_S = 60.0
@@ -122,6 +124,7 @@ class Cluster:
         self.prefill = deployment.prefill
         self.decode = deployment.decode
         self.conductor = deployment.conductor
+        self.autoscaler = deployment.autoscaler
         self._rdt_coordinator = deployment.rdt_coordinator
 
     @classmethod
@@ -292,7 +295,7 @@ class Cluster:
             return
         out.prefill_instance = decision.prefill_instance_id
         out.decode_instance = decision.decode_instance_id
-        prefill_ref = self.prefill[decision.prefill_instance_id].prefill.remote(
+        prefill_ref = self._instance(decision.prefill_instance_id).prefill.remote(
             PrefillWork(
                 out.request_id,
                 out.prompt_token_ids,
@@ -364,13 +367,13 @@ class Cluster:
                     yield update
         finally:
             # Whatever happened, the prefill instance may drop its published copy of the KV.
-            self.prefill[decision.prefill_instance_id].release.remote(result.kv_handle)
+            self._instance(decision.prefill_instance_id).release.remote(result.kv_handle)
 
     async def _decode_stream(
         self, out: ClusterOutput, decode_id: str, work: DecodeWork, known: int
     ) -> AsyncIterator[ClusterOutput]:
         produced = 1
-        stream = self.decode[decode_id].generate.remote(work)
+        stream = self._instance(decode_id).generate.remote(work)
         finished = False
         try:
             async for ref in stream:
@@ -423,7 +426,7 @@ class Cluster:
         actors = [
             self.prefill.get(out.prefill_instance or ""),
             self.decode.get(out.decode_instance or ""),
-        ]
+        ]  # the instances the attempt used, so both are known here
         for actor in actors:
             if actor is None:
                 continue
@@ -438,22 +441,66 @@ class Cluster:
                 except RayActorError:
                     await asyncio.sleep(0.2)  # restarting
 
+    def _instance(self, instance_id: str) -> Any:
+        """An instance's actor handle; one the autoscaler added since is found by its name."""
+        role = self.prefill if instance_id.startswith("prefill-") else self.decode
+        if instance_id not in role:
+            role[instance_id] = ray.get_actor(
+                instance_actor_name(instance_id), namespace=self.config.namespace
+            )
+        return role[instance_id]
+
+    def _refresh_instances(self) -> None:
+        """The instances running now (the autoscaler adds and removes them)."""
+        instances = ray.get(self.conductor.instances.remote())
+        self.prefill = {i: a for i, a in instances.items() if i.startswith("prefill-")}
+        self.decode = {i: a for i, a in instances.items() if i.startswith("decode-")}
+
+    def scale_to(
+        self, num_prefill: int, num_decode: int, *, wait: bool = True, timeout_s: float = 600.0
+    ) -> ScalingStatus:
+        """Run this many prefill and decode instances: new ones are added (placed where their
+        role's resources are offered), extra ones drained and removed without cutting a
+        request. ``wait``: return once every new instance serves and every drained one is gone.
+        An autoscaling planner may change the counts again at its next round."""
+        for name, value in (("num_prefill", num_prefill), ("num_decode", num_decode)):
+            check_int(name, value, low=1)
+        status = ray.get(self.autoscaler.scale_to.remote(num_prefill, num_decode))
+        if wait:
+            status = ray.get(self.autoscaler.settle.remote(timeout_s))
+        self._refresh_instances()
+        return status
+
+    def scaling_status(self) -> ScalingStatus:
+        """Instances running, starting and draining by role, and the timeline of changes."""
+        return ray.get(self.autoscaler.status.remote())
+
     def reset_prefix_cache(self) -> None:
         """Drop every prefill instance's local prefix cache; the KV store keeps its blocks."""
+        self._refresh_instances()
         ray.get([a.reset_prefix_cache.remote() for a in self.prefill.values()])
         ray.get(self.conductor.forget_instance_caches.remote())
 
     def shutdown(self) -> None:
-        """Kill the deployment's actors (a driver that only attached leaves them running)."""
+        """Kill the deployment's actors (a driver that only attached leaves them running);
+        the autoscaler stops first, so it starts nothing more."""
         if not self.owns_actors:
             return
+        instances: list[Any] = []
+        with contextlib.suppress(RayError):
+            instances = ray.get(self.autoscaler.stop.remote())
+        with contextlib.suppress(RayError):
+            instances += ray.get(self.conductor.instances.remote()).values()
         for actor in [
+            self.autoscaler,
+            *instances,
             *self.prefill.values(),
             *self.decode.values(),
             *self.store_shards,
             self.conductor,
         ]:
-            ray.kill(actor)
+            with contextlib.suppress(ValueError):  # already killed through another handle
+                ray.kill(actor)
 
 
 def _replayable(params: SamplingParams) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raycake.engine.config import EngineConfig
+from raycake.policies.planner import PlannerConfig
 from raycake.policies.scheduling_config import SchedulingConfig
 from raycake.validation import (
     check_int,
@@ -146,10 +147,23 @@ class ClusterConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     # Placement: GPUs per instance on a GPU cluster; on CPU a custom resource the autoscaler
-    # can provide (e.g. {"raycake_instance": 1}).
+    # can provide (e.g. {"raycake_instance": 1}). Every instance asks for instance_resources,
+    # prefill instances also for prefill_resources and decode ones for decode_resources (e.g.
+    # {"raycake_prefill": 1}: only the prefill worker group offers it, so the autoscaler grows
+    # that group for them); KV store shards ask for store_resources only (and no CPU).
     instance_num_gpus: float = 0.0
     instance_num_cpus: float = 1.0
     instance_resources: dict[str, float] = field(default_factory=dict)
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    store_resources: dict[str, float] = field(default_factory=dict)
+    # Autoscaling: the planner policy (name "fixed": the counts above never change) and how
+    # often it looks at the cluster. num_prefill / num_decode are then the counts at start-up.
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    planner_interval_s: float = 5.0
+    # How long a new instance may take to be placed (the autoscaler adds a node), load its
+    # model and calibrate, before the scale-up is given up.
+    instance_start_timeout_s: float = 600.0
     # None: join the running Ray cluster if there is one, else start a local one.
     ray_address: str | None = None
     namespace: str = "raycake"
@@ -184,7 +198,41 @@ class ClusterConfig:
             self.transfer_bandwidth_bytes_per_s,
         )
         for name in ("instance_num_gpus", "instance_num_cpus"):
-            require(getattr(self, name) >= 0, f"cluster.{name}", ">= 0", getattr(self, name))
+            check_number(f"cluster.{name}", getattr(self, name), low=0)
+        for name in ("instance", "prefill", "decode", "store"):
+            _check_resources(f"cluster.{name}_resources", getattr(self, f"{name}_resources"))
+        require(
+            isinstance(self.planner, PlannerConfig),
+            "cluster.planner",
+            "a planner section (PlannerConfig)",
+            self.planner,
+        )
+        if self.planner.name != "fixed":
+            for role in ("prefill", "decode"):
+                low, high = self.planner.bounds(role)
+                count = getattr(self, f"num_{role}")
+                require(
+                    low <= count <= high,
+                    f"cluster.num_{role}",
+                    f"a start-up count within planner.min_{role}..max_{role} ({low}..{high})",
+                    count,
+                )
+            require(
+                self.transfer_backend != "ray_direct",
+                "cluster.transfer_backend",
+                "object_store or mooncake with an autoscaling planner (ray_direct joins every "
+                "instance into one collective group at start-up, so it cannot add instances)",
+                self.transfer_backend,
+            )
+        check_number(
+            "cluster.planner_interval_s", self.planner_interval_s, low=0, low_exclusive=True
+        )
+        check_number(
+            "cluster.instance_start_timeout_s",
+            self.instance_start_timeout_s,
+            low=0,
+            low_exclusive=True,
+        )
         for name in ("actor_max_restarts", "request_max_retries"):
             value = getattr(self, name)
             require(
@@ -199,6 +247,7 @@ class ClusterConfig:
             "scheduling": SchedulingConfig,
             "telemetry": TelemetryConfig,
             "http": HttpConfig,
+            "planner": PlannerConfig,
         }
         return from_mapping(cls, data, "cluster config", nested)
 
@@ -206,3 +255,20 @@ class ClusterConfig:
     def from_file(cls, path: str | Path) -> ClusterConfig:
         """Load from a ``.json`` or ``.yaml`` file."""
         return cls.from_dict(read_mapping(path))
+
+    def role_resources(self, role: str) -> dict[str, float]:
+        """Custom resources one instance of ``role`` ("prefill" or "decode") asks for."""
+        return {**self.instance_resources, **getattr(self, f"{role}_resources")}
+
+
+def _check_resources(name: str, resources: Any) -> None:
+    """A mapping of custom resource names to amounts > 0 (Ray's own names are fields)."""
+    require(isinstance(resources, dict), name, "a mapping of resource name to amount", resources)
+    for key, amount in resources.items():
+        require(
+            isinstance(key, str) and key not in ("CPU", "GPU", "memory"),
+            name,
+            "custom resource names (CPU and GPU are instance_num_cpus / instance_num_gpus)",
+            key,
+        )
+        check_number(f"{name}.{key}", amount, low=0, low_exclusive=True)

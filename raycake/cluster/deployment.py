@@ -9,15 +9,15 @@ from typing import Any
 
 import ray
 
+from raycake.actors.autoscaler import Autoscaler
 from raycake.actors.conductor import Conductor
-from raycake.actors.decode import DecodeInstance
 from raycake.actors.kv_store import KVStoreShard, replica_shard
-from raycake.actors.prefill import PrefillInstance
 from raycake.cluster.config import ClusterConfig
+from raycake.cluster.instance_actors import actor_options, start_instance
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.model.config import ModelConfig
 from raycake.model.loader import DTYPES
-from raycake.transfer.ray_direct import RAY_DIRECT_ACTOR_OPTIONS, connect_ray_direct
+from raycake.transfer.ray_direct import connect_ray_direct
 
 
 @dataclass(frozen=True)
@@ -29,41 +29,38 @@ class Deployment:
     decode: dict[str, Any]
     conductor: Any
     rdt_coordinator: Any | None  # the Ray Direct Transport coordinator, when that backend runs
-
-
-def actor_options(config: ClusterConfig, name: str, **extra: Any) -> dict[str, Any]:
-    """Ray options of a named, restartable actor placed by the deployment's resources."""
-    return {
-        "name": name,
-        "namespace": config.namespace,
-        "num_cpus": config.instance_num_cpus,
-        "num_gpus": config.instance_num_gpus,
-        "resources": dict(config.instance_resources),
-        "max_restarts": config.actor_max_restarts,
-        **extra,
-    }
+    autoscaler: Any  # adds and drains instances (runs the planner unless it is "fixed")
 
 
 def attach_deployment(config: ClusterConfig) -> Deployment:
-    """The named actors another driver launched in ``config.namespace``."""
+    """The named actors another driver launched in ``config.namespace`` (with the instances the
+    autoscaler added since, as the conductor knows them)."""
 
     def actor(name: str):
         return ray.get_actor(name, namespace=config.namespace)
 
     store_shards = [actor(f"raycake-kv-store-{i}") for i in range(config.num_store_shards)]
-    prefill = {f"prefill-{i}": actor(f"raycake-prefill-{i}") for i in range(config.num_prefill)}
-    decode = {f"decode-{i}": actor(f"raycake-decode-{i}") for i in range(config.num_decode)}
-    return Deployment(store_shards, prefill, decode, actor("raycake-conductor"), None)
+    conductor = actor("raycake-conductor")
+    instances: dict[str, Any] = ray.get(conductor.instances.remote())
+    prefill = {iid: a for iid, a in instances.items() if iid.startswith("prefill-")}
+    decode = {iid: a for iid, a in instances.items() if iid.startswith("decode-")}
+    autoscaler = actor("raycake-autoscaler")
+    return Deployment(store_shards, prefill, decode, conductor, None, autoscaler)
 
 
 def launch_deployment(
     config: ClusterConfig, model_config: ModelConfig, max_model_len: int
 ) -> Deployment:
     """Create the deployment's named actors (store shards, instances, then the conductor,
-    which plans with the instances' first loads) and wait until each answers."""
+    which plans with the instances' first loads, then the autoscaler) and wait until each
+    answers."""
     store_shards = [
         ray.remote(KVStoreShard)
-        .options(**actor_options(config, f"raycake-kv-store-{i}", num_cpus=0))
+        .options(
+            **actor_options(
+                config, f"raycake-kv-store-{i}", config.store_resources, num_cpus=0, num_gpus=0
+            )
+        )
         .remote(i, config.store_capacity_bytes, "lru", config.store_replicate_after_reads)
         for i in range(config.num_store_shards)
     ]
@@ -75,36 +72,17 @@ def launch_deployment(
                 for i, s in enumerate(store_shards)
             ]
         )
-    direct = config.transfer_backend == "ray_direct"
-    # The instances compose RayDirectKVEndpoint, whose methods name concurrency groups;
-    # Ray Direct Transport also needs tensor transport enabled on the class.
-    class_options = dict(RAY_DIRECT_ACTOR_OPTIONS)
-    if not direct:
-        del class_options["enable_tensor_transport"]
-    prefill_cls = ray.remote(**class_options)(PrefillInstance)
-    decode_cls = ray.remote(**class_options)(DecodeInstance)
     prefill = {
-        f"prefill-{i}": prefill_cls.options(**actor_options(config, f"raycake-prefill-{i}")).remote(
-            f"prefill-{i}",
-            config.engine,
-            config.transfer_backend,
-            store_shards,
-            config.telemetry,
-        )
+        f"prefill-{i}": start_instance(config, f"prefill-{i}", store_shards)
         for i in range(config.num_prefill)
     }
     decode = {
-        f"decode-{i}": decode_cls.options(**actor_options(config, f"raycake-decode-{i}")).remote(
-            f"decode-{i}",
-            config.engine,
-            config.transfer_backend,
-            config.telemetry,
-        )
+        f"decode-{i}": start_instance(config, f"decode-{i}", store_shards)
         for i in range(config.num_decode)
     }
     prefill_loads = ray.get([a.load.remote() for a in prefill.values()])
     rdt_coordinator = None
-    if direct:
+    if config.transfer_backend == "ray_direct":
         rdt_coordinator = connect_ray_direct([*prefill.values(), *decode.values()])
     decode_loads = ray.get([a.load.remote() for a in decode.values()])
     block_bytes = kv_cache_bytes_per_block(
@@ -136,7 +114,20 @@ def launch_deployment(
         )
     )
     ray.get(conductor.ready.remote())
-    return Deployment(store_shards, prefill, decode, conductor, rdt_coordinator)
+    # Always there, so that an operator can scale a "fixed" deployment by hand (scale_to).
+    autoscaler = (
+        ray.remote(Autoscaler)
+        .options(
+            name="raycake-autoscaler",
+            namespace=config.namespace,
+            num_cpus=0,
+            max_restarts=config.actor_max_restarts,
+            max_task_retries=-1,
+        )
+        .remote(config, conductor, store_shards)
+    )
+    ray.get(autoscaler.start.remote())
+    return Deployment(store_shards, prefill, decode, conductor, rdt_coordinator, autoscaler)
 
 
 def running_cluster_address() -> str | None:

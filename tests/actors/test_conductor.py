@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from raycake.actors.conductor import Conductor
 from raycake.actors.messages import InstanceLoad
 from raycake.policies.scheduling import Rejection, ScheduleDecision
@@ -202,3 +204,79 @@ def test_a_restarted_conductor_rebuilds_its_books_from_the_cluster():
     conductor.request_done("big2")
     decision = conductor.schedule("follow-up", [*cached, *_hashes(1, 3)], 7 * 16, 8)
     assert decision.prefill_instance_id == "prefill-0"
+
+
+# ---- autoscaling ---------------------------------------------------------------------------
+
+
+def test_an_added_instance_takes_requests_and_a_draining_one_none():
+    conductor = _conductor(policy="round_robin")
+    conductor.add_instance(_load("decode-1", blocks=20))
+    conductor.drain_instance("prefill-1")
+    picks = [conductor.schedule(f"r{i}", _hashes(1, i), 16, 4) for i in range(6)]
+    assert {d.prefill_instance_id for d in picks} == {"prefill-0"}
+    assert {d.decode_instance_id for d in picks} == {"decode-0", "decode-1"}
+    assert conductor.draining_instances() == ["prefill-1"]
+    # Adding a known instance again (a re-sync) changes nothing.
+    conductor.add_instance(_load("decode-1", blocks=999))
+    assert conductor._decode["decode-1"].capacity_blocks == 20
+
+
+def test_a_drained_instance_is_removed_only_once_nothing_needs_it():
+    conductor = _conductor(policy="round_robin")
+    first = conductor.schedule("a", _hashes(2), 32, 4)
+    busy = first.prefill_instance_id
+    conductor.drain_instance(busy)
+    assert conductor.num_in_flight(busy) == 1 and conductor.num_in_flight("decode-0") == 1
+    # Prefilled, but the decode may still read the KV the prefill instance published.
+    conductor.prefill_done("a", _hashes(2))
+    assert conductor.num_in_flight(busy) == 1
+    with pytest.raises(ValueError, match="still has requests in flight"):
+        conductor.remove_instance(busy)
+    conductor.request_done("a")
+    assert conductor.num_in_flight(busy) == 0
+    conductor.remove_instance(busy)
+    assert set(conductor.stats().queued_prefill_seconds) == {"prefill-0", "prefill-1"} - {busy}
+    with pytest.raises(ValueError, match="no instance"):
+        conductor.num_in_flight(busy)
+
+
+def test_the_last_instance_of_a_role_is_never_drained():
+    conductor = _conductor()
+    with pytest.raises(ValueError, match="last of its role"):
+        conductor.drain_instance("decode-0")
+    conductor.drain_instance("prefill-0")
+    with pytest.raises(ValueError, match="last of its role"):
+        conductor.drain_instance("prefill-1")
+
+
+def test_planner_signals_are_the_books_and_the_window_resets():
+    conductor = _conductor(ttft_slo_s=2.0, tbt_slo_s=0.1)
+    idle = conductor.planner_signals()
+    # Idle: a new request of the typical length (one block until one was scheduled) waits
+    # only its own prefill; no decode batch, so no TBT.
+    assert [s.predicted_ttft_s for s in idle.prefill] == [pytest.approx(0.005 + 16e-4)] * 2
+    assert [(s.tbt_s, s.kv_utilization) for s in idle.decode] == [(None, 0.0)]
+    conductor.schedule("a", _hashes(4), 64, 16)  # 5 of decode-0's 20 blocks
+    conductor.schedule("big", _hashes(1, 9), 400, 16)  # rejected: 26 blocks > 20
+    signals = conductor.planner_signals()
+    assert (signals.num_admitted, signals.num_rejected) == (1, 1)
+    assert (signals.ttft_slo_s, signals.tbt_slo_s) == (2.0, 0.1)
+    typical = round(16 + 0.1 * (64 - 16))  # the prompt-length EWMA after one request
+    queued = {s.instance_id: s for s in signals.prefill}
+    busy = next(s for s in queued.values() if s.num_queued_requests)
+    assert (busy.queued_prefill_tokens, busy.num_queued_requests) == (64, 1)
+    assert busy.predicted_ttft_s == pytest.approx(
+        (0.005 + 64e-4) + (0.005 + typical * 1e-4)  # the queued prefill + its own
+    )
+    (decode,) = signals.decode
+    assert decode.kv_utilization == pytest.approx(5 / 20)
+    assert decode.tbt_s == pytest.approx(0.002 + 1e-4)  # the cost model, batch of one
+    assert decode.num_running == 1
+    again = conductor.planner_signals()
+    assert (again.num_admitted, again.num_rejected) == (0, 0)
+    # A draining instance is not in the signals.
+    conductor.drain_instance(busy.instance_id)
+    assert [s.instance_id for s in conductor.planner_signals().prefill] == [
+        iid for iid in queued if iid != busy.instance_id
+    ]

@@ -1,0 +1,77 @@
+"""Adding and draining instances on a running deployment, under load: no request is lost, cut
+or changed (greedy outputs equal the single-process engine's), new instances take requests, and
+drained ones are gone. Planner-driven scaling on Ray's autoscaler is test_autoscaling_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from raycake import LLM, SamplingParams
+from raycake.cluster.cluster import Cluster
+from raycake.cluster.config import ClusterConfig
+from raycake.cluster.instance_actors import instance_actor_name
+from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
+
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+PROMPTS = [f"def function_{i}(x):\n    return x * {i} + " for i in range(36)]
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session):  # noqa: F811
+    cluster = Cluster.from_config(
+        ClusterConfig(namespace="raycake-test-scaling", num_prefill=1, num_decode=1)
+    )
+    yield cluster
+    cluster.shutdown()
+
+
+def _alive(cluster: Cluster, instance_id: str) -> bool:
+    try:
+        ray.get_actor(instance_actor_name(instance_id), namespace=cluster.config.namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def test_scale_up_then_drain_under_load_loses_no_request(cluster):
+    reference = {out.prompt: out.token_ids for out in LLM().generate(PROMPTS, PARAMS)}
+
+    async def run():
+        first = [asyncio.ensure_future(cluster.agenerate(p, PARAMS)) for p in PROMPTS[:12]]
+        up = await asyncio.to_thread(cluster.scale_to, 2, 2)
+        second = [asyncio.ensure_future(cluster.agenerate(p, PARAMS)) for p in PROMPTS[12:]]
+        await asyncio.sleep(0.05)  # some of the second wave reaches the new instances
+        down = asyncio.ensure_future(asyncio.to_thread(cluster.scale_to, 1, 1))
+        outputs = await asyncio.gather(*first, *second)
+        return up, await down, outputs
+
+    up, down, outputs = asyncio.run(run())
+    assert up.running == {"prefill": ["prefill-0", "prefill-1"], "decode": ["decode-0", "decode-1"]}
+    # The newest of each role was drained, then removed and killed.
+    assert down.running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
+    assert down.starting == down.draining == {"prefill": [], "decode": []}
+    assert not _alive(cluster, "prefill-1") and not _alive(cluster, "decode-1")
+    assert _alive(cluster, "prefill-0") and _alive(cluster, "decode-0")
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        assert (out.finish_reason, out.error, out.attempts) == ("length", None, 1), prompt
+        assert out.token_ids == reference[prompt], prompt
+    used = {(o.prefill_instance, o.decode_instance) for o in outputs}
+    assert {p for p, _ in used} == {"prefill-0", "prefill-1"}
+    assert {d for _, d in used} == {"decode-0", "decode-1"}
+    # The timeline holds each change of the counts.
+    counts = [(e.num_prefill, e.num_decode) for e in down.timeline]
+    assert counts == [(1, 1), (2, 2), (1, 1)]
+    # The deployment still serves, on what is left.
+    after = cluster.generate(PROMPTS[:2], PARAMS)
+    assert [o.token_ids for o in after] == [reference[p] for p in PROMPTS[:2]]
+    assert {o.prefill_instance for o in after} == {"prefill-0"}
+
+
+def test_scale_to_checks_its_counts_before_any_work(cluster):
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="num_decode: expected a positive integer"):
+            cluster.scale_to(1, bad)
+    assert cluster.scaling_status().running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
