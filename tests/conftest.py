@@ -13,3 +13,9 @@ def tiny_llama(request, tmp_path_factory):
     spec: TinyLlama = request.param
     out_dir = tmp_path_factory.mktemp(spec.name)
     return out_dir, build_checkpoint(spec, out_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``stops_ray`` end every Ray process on the machine (``ray stop --force``):
+    they run after all the others."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_ray") is not None)

@@ -484,8 +484,8 @@ class Cluster:
     def shutdown(self) -> None:
         """Kill the deployment's actors (a driver that only attached leaves them running);
         the autoscaler stops first, so it starts nothing more."""
-        if not self.owns_actors:
-            return
+        if not self.owns_actors or not ray.is_initialized():
+            return  # nothing to kill: Ray itself is gone
         instances: list[Any] = []
         with contextlib.suppress(RayError):
             instances = ray.get(self.autoscaler.stop.remote())

@@ -324,8 +324,9 @@ class SLOPlanner:
     Decode: the p90 TBT as a fraction of the TBT SLO, and the mean KV utilisation against
     ``kv_scale_up_at`` / ``kv_scale_down_at``; either breach adds, both low removes one.
     Scale-down also needs the load of the remaining instances (n / (n - 1) times today's) to
-    stay under the up threshold, so that removing one cannot by itself cause a scale-up, and
-    no rejection in the window (the view does not say which role caused it).
+    stay under the up threshold, so that removing one cannot by itself cause a scale-up, no
+    rejection in the window (the view does not say which role caused it), and no instance of
+    the role still starting (the load it will take is not in the signal yet).
     """
 
     name = "slo"
@@ -393,6 +394,10 @@ class SLOPlanner:
         if _clamp(current, bounds) != current:  # bounds are hard: no timer holds them back
             clock.last_change_s, clock.low_since_s = now, None
             return _clamp(current, bounds), f"{signal.why}; back within [{bounds[0]}, {bounds[1]}]"
+        if signal.is_low and len(getattr(view, role)) < current:
+            # An instance still starting has not taken its share of the load yet: the low
+            # load it shows is not the load the role will have once it serves.
+            signal = signal._replace(is_low=False, why=f"{signal.why}; instances still starting")
         if not signal.is_low:
             clock.low_since_s = None
         elif clock.low_since_s is None:

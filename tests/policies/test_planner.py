@@ -409,3 +409,16 @@ def test_planner_imports_without_torch_or_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_slo_planner_does_not_scale_down_while_an_instance_is_still_starting():
+    config = PlannerConfig(name="slo", cooldown_s=0.0, down_stable_s=0.0)
+    planner = make_planner(config)
+    idle = [PrefillInstanceStats("prefill-0", predicted_ttft_s=0.01, queued_prefill_tokens=0)]
+    # Two counted, one reporting: the second is still starting; low load holds.
+    view = PlannerView(now_s=0.0, num_prefill=2, num_decode=1, prefill=tuple(idle), ttft_slo_s=1.0)
+    decision = planner.plan(view)
+    assert decision.num_prefill == 2 and "still starting" in decision.reason
+    both = (*idle, PrefillInstanceStats("prefill-1", 0.01, 0))
+    view = PlannerView(now_s=1.0, num_prefill=2, num_decode=1, prefill=both, ttft_slo_s=1.0)
+    assert planner.plan(view).num_prefill == 1
