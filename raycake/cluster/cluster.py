@@ -32,7 +32,12 @@ from raycake.actors.autoscaler import ScalingStatus
 from raycake.actors.messages import DecodeWork, PrefillResult, PrefillWork
 from raycake.cluster.admission import ModelLimits, check_request
 from raycake.cluster.config import ClusterConfig
-from raycake.cluster.deployment import attach_deployment, launch_deployment, running_cluster_address
+from raycake.cluster.deployment import (
+    attach_deployment,
+    launch_deployment,
+    running_cluster_address,
+    shutdown_deployment,
+)
 from raycake.cluster.instance_actors import instance_actor_name
 from raycake.engine.kv_cache import block_hashes_for
 from raycake.engine.sampling_params import SamplingParams
@@ -486,20 +491,9 @@ class Cluster:
         the autoscaler stops first, so it starts nothing more."""
         if not self.owns_actors or not ray.is_initialized():
             return  # nothing to kill: Ray itself is gone
-        instances: list[Any] = []
-        with contextlib.suppress(RayError):
-            instances = ray.get(self.autoscaler.stop.remote())
-        with contextlib.suppress(RayError):
-            instances += ray.get(self.conductor.instances.remote()).values()
-        for actor in [
-            self.autoscaler,
-            *instances,
-            *self.prefill.values(),
-            *self.decode.values(),
-            *self.store_shards,
-            self.conductor,
-        ]:
-            with contextlib.suppress(ValueError):  # already killed through another handle
+        shutdown_deployment(self.config)
+        for actor in [*self.prefill.values(), *self.decode.values()]:
+            with contextlib.suppress(ValueError):  # killed already, by name
                 ray.kill(actor)
 
 

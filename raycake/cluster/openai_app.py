@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from raycake.cluster.cluster import Cluster
 from raycake.cluster.config import ClusterConfig, HttpConfig
+from raycake.cluster.deployment import ensure_deployment
 from raycake.cluster.openai_errors import (
     ApiError,
     from_validation_errors,
@@ -166,6 +167,24 @@ def build_openai_app(config: ClusterConfig) -> Application:
     else:
         options["num_replicas"] = http.num_replicas or 1
     return OpenAIIngress.options(**options).bind(config)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Ray Serve's application builder, for a RayService's ``serveConfigV2`` or ``serve run``:
+    ``import_path: raycake.cluster.openai_app:app_builder`` with ``args: {config: <cluster config
+    file>}``. Brings the deployment's actors up, detached (they must outlive the builder's
+    task), unless they already run in the config's namespace; returns the ingress over them."""
+    if not isinstance(args, dict):
+        raise ValueError(f"args: expected a mapping with key 'config', got {args!r}")
+    unknown = sorted(set(args) - {"config"})
+    if unknown:
+        raise ValueError(f"args: unknown key(s) {unknown}; expected only 'config'")
+    path = args.get("config")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"args.config: expected the path of a cluster config file, got {path!r}")
+    config = ClusterConfig.from_file(path)
+    ensure_deployment(config)
+    return build_openai_app(config)
 
 
 def serve_http(cluster_config: ClusterConfig, http_config: HttpConfig | None = None) -> str:

@@ -50,14 +50,26 @@ def test_kuberay_worker_groups_offer_one_resource_per_role(manifest):
 
 
 @pytest.mark.parametrize("manifest", ["raycluster.yaml", "rayjob-demo.yaml", "rayservice.yaml"])
-def test_kuberay_cluster_config_asks_only_for_what_every_worker_group_offers(manifest):
-    # One instance_resources for every actor (instances and store shards) today, so any group
-    # may have to host any of them.
+def test_kuberay_cluster_config_places_each_role_on_its_own_group(manifest):
     config = ClusterConfig.from_file(ROOT / "examples" / "cluster-kuberay.yaml")
-    assert config.instance_resources == {"raycake_instance": 1}
-    for name, offered in kuberay_worker_resources(manifest).items():
-        for resource, amount in config.instance_resources.items():
-            assert offered.get(resource, 0) >= amount, (name, resource)
+    groups = kuberay_worker_resources(manifest)
+    for role in ("prefill", "decode"):
+        asked = config.role_resources(role)
+        assert asked, role
+        # The role's group offers what its instances ask for; the other group does not.
+        assert all(groups[role].get(r, 0) >= amount for r, amount in asked.items()), role
+        other = "decode" if role == "prefill" else "prefill"
+        assert not all(groups[other].get(r, 0) >= amount for r, amount in asked.items()), role
+    # Store shards ask for nothing a worker group offers: they run anywhere (the head).
+    assert config.store_resources == {}
+    # The planner's bounds are the groups' replica bounds.
+    resource = yaml.safe_load((ROOT / "deploy" / "kuberay" / manifest).read_text())["spec"]
+    cluster = resource.get("rayClusterSpec") or resource.get("rayClusterConfig") or resource
+    bounds = {
+        g["groupName"]: (g["minReplicas"], g["maxReplicas"]) for g in cluster["workerGroupSpecs"]
+    }
+    assert config.planner.name == "slo"
+    assert bounds == {role: config.planner.bounds(role) for role in ("prefill", "decode")}
 
 
 def test_cluster_yaml_turns_on_int8_and_expert_shards(tmp_path):

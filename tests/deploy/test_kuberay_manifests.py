@@ -177,11 +177,6 @@ def test_serve_config_names_a_module_of_the_package():
         assert (ROOT / config.relative_to("/home/ray/raycake")).is_file(), config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="raycake.cluster.openai_app has no Serve app builder taking an args dict yet; "
-    "when it lands this test passes: remove this mark",
-)
 def test_serve_config_names_a_one_argument_builder():
     # Read from the source, not imported: importing the module starts no Ray, but costs seconds.
     for app in serve_applications():
