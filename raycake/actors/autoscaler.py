@@ -85,6 +85,14 @@ class Autoscaler:
         self._timeline: list[ScalingEvent] = []
         self._last_reason: str | None = None
         self._loop: asyncio.Task | None = None
+        from ray.util.metrics import Gauge
+
+        # The dashboard's view of scaling: instances by role and state, per deployment.
+        self._gauge = Gauge(
+            "raycake_instances",
+            "Instances by role and state",
+            tag_keys=("namespace", "role", "state"),
+        )
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -103,7 +111,7 @@ class Autoscaler:
                 self._spawn(self._drain(iid, handle))
             else:
                 self._running[iid] = handle
-        self._record("start-up", None)
+        self._record("start-up")
         if self.config.planner.name != "fixed":
             self._loop = asyncio.get_running_loop().create_task(self._plan_forever())
 
@@ -144,7 +152,7 @@ class Autoscaler:
         decision = self.planner.plan(view)
         self._last_reason = decision.reason
         await self._apply({"prefill": decision.num_prefill, "decode": decision.num_decode})
-        self._record(decision.reason, view)
+        self._record(decision.reason)
         return decision
 
     async def scale_to(self, num_prefill: int, num_decode: int) -> ScalingStatus:
@@ -162,7 +170,7 @@ class Autoscaler:
                 "start-up, so no instance can be added; use object_store or mooncake"
             )
         await self._apply(targets)
-        self._record(f"scale_to({num_prefill}, {num_decode})", None)
+        self._record(f"scale_to({num_prefill}, {num_decode})")
         return self.status()
 
     async def settle(self, timeout_s: float) -> ScalingStatus:
@@ -196,7 +204,9 @@ class Autoscaler:
         """Instances of ``role`` the planner counts: running and starting (not draining)."""
         return sum(_role(iid) == role for iid in (*self._running, *self._starting))
 
-    def _record(self, reason: str, view: PlannerView | None) -> None:
+    def _record(self, reason: str) -> None:
+        """Publish the counts; add a timeline event when they changed."""
+        self._publish_counts()
         counts = (self._count("prefill"), self._count("decode"))
         last = self._timeline[-1] if self._timeline else None
         if last is not None and (last.num_prefill, last.num_decode) == counts:
@@ -204,6 +214,17 @@ class Autoscaler:
         self._timeline.append(
             ScalingEvent(time.monotonic() - self._started_at, counts[0], counts[1], reason)
         )
+
+    def _publish_counts(self) -> None:
+        for state, instances in (
+            ("running", self._running),
+            ("starting", self._starting),
+            ("draining", self._draining),
+        ):
+            for role in ROLES:
+                count = sum(_role(iid) == role for iid in instances)
+                tags = {"namespace": self.config.namespace, "role": role, "state": state}
+                self._gauge.set(count, tags=tags)
 
     # ---- mechanism -----------------------------------------------------------------------------
 
@@ -245,10 +266,11 @@ class Autoscaler:
                 return  # stopped on purpose by a scale-down
             logger.warning("autoscaler: %s did not start: %s", iid, exc)
             ray.kill(handle)
-            self._record(f"{iid} did not start: {type(exc).__name__}", None)
+            self._record(f"{iid} did not start: {type(exc).__name__}")
             return
         if self._starting.pop(iid, None) is not None:
             self._running[iid] = handle
+            self._publish_counts()
 
     async def _drain(self, iid: str, handle: Any) -> None:
         """No new request goes to the instance; once none needs it, it is removed and killed."""
@@ -268,6 +290,7 @@ class Autoscaler:
                 await self._sync_conductor()
         self._draining.pop(iid, None)
         ray.kill(handle)
+        self._publish_counts()
 
     async def _idle(self, handle: Any) -> bool:
         """The instance holds no request and no store publication in flight (a dead one is

@@ -26,7 +26,12 @@ def test_ttft_and_queue_series_are_exported(ray_session):  # noqa: F811
     cluster = Cluster.from_config(ClusterConfig(namespace="raycake-test-metrics"))
     try:
         cluster.generate(["def f():"], SamplingParams(temperature=0, max_tokens=4))
-        wanted = ("ray_raycake_ttft_ms", "ray_raycake_queue_length", "ray_raycake_prompt_tokens")
+        wanted = (
+            "ray_raycake_ttft_ms",
+            "ray_raycake_queue_length",
+            "ray_raycake_prompt_tokens",
+            "ray_raycake_instances",
+        )
         deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
         text = ""
         while time.monotonic() < deadline:
@@ -39,3 +44,16 @@ def test_ttft_and_queue_series_are_exported(ray_session):  # noqa: F811
     for name in wanted:
         assert f"# TYPE {name}" in text, name
     assert 'instance="prefill-0"' in text
+    # The autoscaler's gauge: one running instance per role, none starting or draining.
+    instances = {
+        (_label(line, "role"), _label(line, "state")): float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ray_raycake_instances{")
+        and _label(line, "namespace") == "raycake-test-metrics"
+    }
+    assert instances[("prefill", "running")] == instances[("decode", "running")] == 1
+    assert instances[("prefill", "draining")] == instances[("decode", "starting")] == 0
+
+
+def _label(line: str, key: str) -> str:
+    return line.split(f'{key}="', 1)[1].split('"', 1)[0]
