@@ -14,8 +14,9 @@ running and starting, asks the planner, and then:
 No request is cut: an instance is only killed once no request needs it.
 
 An async actor: every method runs on its event loop and none blocks it (creating an actor and
-``ray.kill`` only submit). Restarted by Ray, it finds the instances from the conductor; it also
-re-adds its instances to a restarted conductor, which only knows those it was created with.
+``ray.kill`` only submit). Restarted by Ray, it takes the instances over from the conductor by
+itself; it also re-adds its instances to a restarted conductor, which only knows those it was
+created with.
 """
 
 from __future__ import annotations
@@ -93,14 +94,19 @@ class Autoscaler:
             "Instances by role and state",
             tag_keys=("namespace", "role", "state"),
         )
+        # NOTE: an async actor's __init__ runs in its event loop.
+        self._taking_over = asyncio.get_running_loop().create_task(self._take_over())
 
     # ---- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Take over the instances the conductor knows (all of them after a restart), then run
-        the planner every ``planner_interval_s`` unless it is "fixed"."""
-        if self._loop is not None:
-            return
+        """Wait until the autoscaler has taken over the instances (the launch waits for it)."""
+        await self._taking_over
+
+    async def _take_over(self) -> None:
+        """Take over the instances the conductor knows (all of them after a restart, draining
+        ones resumed), then run the planner every ``planner_interval_s``.
+        Runs from ``__init__``, so a restarted autoscaler resumes by itself."""
         instances: dict[str, Any] = await self.conductor.instances.remote()
         draining = set(await self.conductor.draining_instances.remote())
         for iid, handle in instances.items():
@@ -112,16 +118,17 @@ class Autoscaler:
             else:
                 self._running[iid] = handle
         self._record("start-up")
-        if self.config.planner.name != "fixed":
-            self._loop = asyncio.get_running_loop().create_task(self._plan_forever())
+        # Also for "fixed", which never changes the counts: each round re-syncs a restarted
+        # conductor with the instances added since the deployment started.
+        self._loop = asyncio.get_running_loop().create_task(self._plan_forever())
 
     async def _plan_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.planner_interval_s)
             try:
                 await self.tick()
-            except RayError as exc:  # the conductor restarting: try again next interval
-                logger.warning("autoscaler: planning skipped: %s", exc)
+            except Exception:  # a conductor restarting, a bad view: the next round tries again
+                logger.exception("autoscaler: planning round failed")
 
     async def stop(self) -> list[Any]:
         """Stop planning and starting; returns the handles of every instance this actor knows
@@ -158,6 +165,7 @@ class Autoscaler:
     async def scale_to(self, num_prefill: int, num_decode: int) -> ScalingStatus:
         """Set the counts now, whatever the planner says (an operator's override; the planner
         may change them again at its next round)."""
+        await self._taking_over
         targets = {"prefill": num_prefill, "decode": num_decode}
         for role, count in targets.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -171,10 +179,11 @@ class Autoscaler:
             )
         await self._apply(targets)
         self._record(f"scale_to({num_prefill}, {num_decode})")
-        return self.status()
+        return self._status()
 
     async def settle(self, timeout_s: float) -> ScalingStatus:
         """Wait until no instance is starting or draining (tests, ``raycake`` commands)."""
+        await self._taking_over
         deadline = time.monotonic() + timeout_s
         while self._starting or self._draining:
             if time.monotonic() > deadline:
@@ -183,9 +192,13 @@ class Autoscaler:
                     f"{sorted(self._draining)} after {timeout_s:g}s"
                 )
             await asyncio.sleep(DRAIN_POLL_S)
-        return self.status()
+        return self._status()
 
-    def status(self) -> ScalingStatus:
+    async def status(self) -> ScalingStatus:
+        await self._taking_over  # after a restart: once the instances are taken over
+        return self._status()
+
+    def _status(self) -> ScalingStatus:
         def by_role(instances: dict[str, Any]) -> dict[str, list[str]]:
             return {
                 role: sorted((iid for iid in instances if _role(iid) == role), key=_index)
@@ -273,15 +286,22 @@ class Autoscaler:
             self._publish_counts()
 
     async def _drain(self, iid: str, handle: Any) -> None:
-        """No new request goes to the instance; once none needs it, it is removed and killed."""
+        """No new request goes to the instance; once none needs it (or ``drain_timeout_s``
+        passed), it is removed and killed."""
+        deadline = time.monotonic() + self.config.drain_timeout_s
         while True:
             try:
                 await self.conductor.drain_instance.remote(iid)
                 while await self.conductor.num_in_flight.remote(iid) or not await self._idle(
                     handle
                 ):
+                    if time.monotonic() > deadline:
+                        left = await self.conductor.num_in_flight.remote(iid)
+                        logger.warning("autoscaler: %s drain timed out, %d left", iid, left)
+                        self._last_reason = f"{iid}: drain timed out with {left} requests left"
+                        break
                     await asyncio.sleep(DRAIN_POLL_S)
-                await self.conductor.remove_instance.remote(iid)
+                await self.conductor.remove_instance.remote(iid, force=True)
                 break
             except RayError as exc:
                 # The conductor restarted and lost it, or the instance died: re-sync, retry.

@@ -415,10 +415,15 @@ class Conductor:
         state = self._decode.get(instance_id)
         return count + (state.orphan_running if state else 0)
 
-    def remove_instance(self, instance_id: str) -> None:
-        """Forget a drained instance (its KV-store contributions stay in the store)."""
-        if self.num_in_flight(instance_id):
+    def remove_instance(self, instance_id: str, force: bool = False) -> None:
+        """Forget a drained instance (its KV-store contributions stay in the store). ``force``:
+        also when requests are still booked there (a drain that timed out: their callers are
+        gone, or they end with an error and are retried elsewhere); their books are released."""
+        if self.num_in_flight(instance_id) and not force:
             raise ValueError(f"instance_id: {instance_id!r} still has requests in flight")
+        for request_id, flight in list(self._in_flight.items()):
+            if instance_id in (flight.prefill_id, flight.decode_id):
+                self.request_done(request_id)
         for books in (
             self._instances,
             self._prefill_index,

@@ -275,9 +275,11 @@ class PrefillInstance(EngineInstance):
         await self.in_transfer_thread(self.transfer.release, handle)
 
     async def is_idle(self) -> bool:
-        """No request in the engine and no block on its way to the KV store (what it
-        publishes there must outlive it)."""
-        return not self._background and await super().is_idle()
+        """No request in the engine, no published KV a decode instance may still read, and no
+        block on its way to the KV store (what it publishes there must outlive it)."""
+        if self._background or self.transfer.num_published:
+            return False
+        return await super().is_idle()
 
     async def reset_prefix_cache(self) -> None:
         """Forget locally cached blocks, once the KV store holds every block published."""

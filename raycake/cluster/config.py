@@ -164,6 +164,9 @@ class ClusterConfig:
     # How long a new instance may take to be placed (the autoscaler adds a node), load its
     # model and calibrate, before the scale-up is given up.
     instance_start_timeout_s: float = 600.0
+    # How long a drained instance may keep requests before it is removed anyway (a caller that
+    # died never releases what it booked); the requests still there end in error or are retried.
+    drain_timeout_s: float = 600.0
     # None: join the running Ray cluster if there is one, else start a local one.
     ray_address: str | None = None
     namespace: str = "raycake"

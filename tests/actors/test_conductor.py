@@ -236,6 +236,16 @@ def test_a_drained_instance_is_removed_only_once_nothing_needs_it():
     conductor.request_done("a")
     assert conductor.num_in_flight(busy) == 0
     conductor.remove_instance(busy)
+    # A drain that timed out removes the instance anyway and releases what was booked there.
+    conductor.add_instance(_load("decode-1", blocks=20))
+    stuck = conductor.schedule("b", _hashes(2, 7), 32, 4)
+    conductor.drain_instance(stuck.decode_instance_id)
+    other = ({"decode-0", "decode-1"} - {stuck.decode_instance_id}).pop()
+    conductor.remove_instance(stuck.decode_instance_id, force=True)
+    assert conductor.num_in_flight(stuck.prefill_instance_id) == 0
+    assert conductor.stats().queued_prefill_seconds[stuck.prefill_instance_id] == 0
+    assert conductor._decode[other].reserved_blocks == 0
+    conductor.request_done("b")  # the caller's late report changes nothing
     assert set(conductor.stats().queued_prefill_seconds) == {"prefill-0", "prefill-1"} - {busy}
     with pytest.raises(ValueError, match="no instance"):
         conductor.num_in_flight(busy)

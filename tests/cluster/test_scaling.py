@@ -5,9 +5,12 @@ drained ones are gone. Planner-driven scaling on Ray's autoscaler is test_autosc
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import pytest
 import ray
+from ray.exceptions import RayActorError
 
 from raycake import LLM, SamplingParams
 from raycake.cluster.cluster import Cluster
@@ -26,6 +29,10 @@ def cluster(ray_session):  # noqa: F811
     )
     yield cluster
     cluster.shutdown()
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
 
 
 def _alive(cluster: Cluster, instance_id: str) -> bool:
@@ -75,3 +82,40 @@ def test_scale_to_checks_its_counts_before_any_work(cluster):
         with pytest.raises(ValueError, match="num_decode: expected a positive integer"):
             cluster.scale_to(1, bad)
     assert cluster.scaling_status().running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
+
+
+def test_a_restarted_autoscaler_and_conductor_keep_the_added_instances(cluster):
+    added = cluster.scale_to(2, 1).running["prefill"][-1]
+    # The autoscaler restarts and takes the instances over from the conductor.
+    ray.kill(cluster.autoscaler, no_restart=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            status = cluster.scaling_status()
+            break
+        except RayActorError:
+            time.sleep(0.5)
+    assert status.running == {"prefill": ["prefill-0", added], "decode": ["decode-0"]}
+    # The conductor restarts knowing only the instances it was created with; the autoscaler's
+    # next round adds the new one back, and requests reach it again.
+    old_pid = _pid(cluster.conductor)
+    ray.kill(cluster.conductor, no_restart=False)
+    deadline = time.monotonic() + 60
+    known: dict = {}
+    while time.monotonic() < deadline:
+        # Calls wait for the restart (max_task_retries); the kill itself is asynchronous.
+        if _pid(cluster.conductor) != old_pid:
+            known = ray.get(cluster.conductor.instances.remote())
+            if added in known:
+                break
+        time.sleep(0.5)
+    assert set(known) == {"prefill-0", added, "decode-0"}
+    # New prompts (the rebuilt conductor knows prefill-0 caches the earlier ones).
+    fresh = [f"class Widget{i}:\n    def render(self, size):\n        " for i in range(12)]
+    outputs = cluster.generate(fresh, PARAMS)
+    assert {o.finish_reason for o in outputs} == {"length"}
+    assert {o.prefill_instance for o in outputs} == {"prefill-0", added}
+    # And it can still drain what it took over.
+    status = cluster.scale_to(1, 1)
+    assert status.running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
+    assert not _alive(cluster, added)
