@@ -5,7 +5,8 @@
 plain views and driven, like every policy, by both the conductor and the trace simulator. Neither
 has admission control or a global KV store: they never reject and never fetch from the store,
 and their predictions (``decide_without_store``) are what the chosen pair will really cost, so the
-simulator can compare them with the policies that do plan.
+simulator can compare them with the policies that do plan. ``AdmissionControl``
+(``admission_control.py``) adds the conductor's rejection rule to them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ views; the only state it keeps is its own (a random generator, a round-robin pos
 conductor actor and the trace simulator drive the very same objects, chosen by name
 (``scheduling_policy``). ``CacheAwareScheduler`` follows Mooncake's conductor (FAST'25,
 Algorithm 1); the others are the baselines it was compared with, and SGLang's and Dynamo's
-cache-aware routers (``baseline_routers.py``).
+cache-aware routers (``baseline_routers.py``). ``AdmissionControl`` (``baseline_admission``)
+applies the conductor's early-rejection rule to any baseline's choice, for comparisons at equal
+admission control.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import random
 from typing import Any
 
+from raycake.policies.admission_control import AdmissionControl
 from raycake.policies.baseline_routers import DynamoKvRouter, SGLangCacheAwareRouter
 from raycake.policies.cluster_view import (
     ClusterView,
@@ -41,6 +44,7 @@ from raycake.validation import require
 # The views and estimates are re-exported: callers take everything a policy needs from here.
 __all__ = [
     "SCHEDULING_POLICIES",
+    "AdmissionControl",
     "CacheAwareScheduler",
     "ClusterView",
     "DecodeInstanceView",
@@ -285,9 +289,8 @@ def make_scheduling_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
 
 
 def scheduling_policy_from_config(config: SchedulingConfig) -> SchedulingPolicy:
-    """A fresh policy with the options that apply to it."""
-    if config.policy == "random":
-        return RandomScheduler(seed=config.seed)
+    """A fresh policy with the options that apply to it; a baseline wrapped in
+    ``AdmissionControl`` when ``baseline_admission`` asks for the conductor's rejection rule."""
     if config.policy == "cache_aware":
         return CacheAwareScheduler(
             balance_threshold=config.balance_threshold,
@@ -295,6 +298,12 @@ def scheduling_policy_from_config(config: SchedulingConfig) -> SchedulingPolicy:
             predictive_rejection=config.predictive_rejection,
             use_store=config.use_store,
         )
-    if config.policy == "dynamo_kv":
-        return DynamoKvRouter(seed=config.seed)  # the seed breaks cost ties
-    return make_scheduling_policy(config.policy)
+    if config.policy == "random":
+        policy: SchedulingPolicy = RandomScheduler(seed=config.seed)
+    elif config.policy == "dynamo_kv":
+        policy = DynamoKvRouter(seed=config.seed)  # the seed breaks cost ties
+    else:
+        policy = make_scheduling_policy(config.policy)
+    if config.baseline_admission:
+        return AdmissionControl(policy, predictive=config.predictive_rejection)
+    return policy

@@ -33,6 +33,12 @@ class SchedulingConfig:
     predictive_rejection: bool = False
     use_store: bool = True
     seed: int = 0  # for the random policy
+    # The conductor's early rejection applied to a baseline router's choice (AdmissionControl;
+    # with ``predictive_rejection``, prediction-based), so baselines can be compared with the
+    # conductor at equal admission control. A separate switch rather than the baselines
+    # honouring ``enable_early_rejection``: that one defaults to True (the conductor's
+    # deployment), and a baseline must stay the admit-everything router unless asked.
+    baseline_admission: bool = False
 
     def __post_init__(self) -> None:
         require(
@@ -57,13 +63,24 @@ class SchedulingConfig:
             "a finite number >= 1.0",
             self.balance_threshold,
         )
-        for name in ("enable_early_rejection", "predictive_rejection", "use_store"):
+        for name in (
+            "enable_early_rejection",
+            "predictive_rejection",
+            "use_store",
+            "baseline_admission",
+        ):
             require(
                 isinstance(getattr(self, name), bool),
                 f"scheduling.{name}",
                 "a bool",
                 getattr(self, name),
             )
+        require(
+            not (self.baseline_admission and self.policy == "cache_aware"),
+            "scheduling.baseline_admission",
+            "False for cache_aware (its admission control is enable_early_rejection)",
+            self.baseline_admission,
+        )
         require(
             isinstance(self.seed, int) and not isinstance(self.seed, bool),
             "scheduling.seed",

@@ -1,5 +1,6 @@
 """``raycake simulate``: replay a Mooncake trace through a simulated cluster, one run or a sweep
-over policies, (prefill, decode) instance counts and request-rate multipliers."""
+over policies, (prefill, decode) instance counts and request-rate multipliers; with
+``--planner``, autoscaled runs on a time-varying load (``cli_autoscaling``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+from raycake.sim.cli_autoscaling import add_autoscaling_arguments, load_trace, run_planners
 from raycake.sim.roofline import GPU_PRESETS, MODEL_PRESETS
 
 # Columns of the printed table: (header, summary field, format).
@@ -62,9 +64,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "simulate",
         help="replay a Mooncake trace through a simulated disaggregated cluster (cost model)",
     )
-    p.add_argument("--trace", required=True, help="Mooncake JSONL trace file")
-    p.add_argument("--prefill", type=int, default=8, help="prefill instances")
-    p.add_argument("--decode", type=int, default=8, help="decode instances")
+    p.add_argument("--trace", help="Mooncake JSONL trace file (required unless --load)")
+    p.add_argument("--prefill", type=int, help="prefill instances (default 8)")
+    p.add_argument("--decode", type=int, help="decode instances (default 8)")
     p.add_argument("--gpu", default="h100", choices=sorted(GPU_PRESETS))
     p.add_argument(
         "--model",
@@ -115,6 +117,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0, help="for the random policy")
     p.add_argument("--json", action="store_true", help="print the summaries as JSON lines")
     p.add_argument("--no-progress", action="store_true")
+    add_autoscaling_arguments(p)
     p.set_defaults(func=run_simulate)
     return p
 
@@ -191,10 +194,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     from raycake.sim.simulate import POLICY_NAMES, SimulationConfig, policy_from_name, sweep
     from raycake.sim.traces import head, prefix_reuse_ceiling, read_trace
 
+    if args.planner is None:
+        args.prefill, args.decode = args.prefill or 8, args.decode or 8
     for name in ("prefill", "decode", "max_num_seqs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1")
-    for name in ("ttft_slo", "tbt_slo", "speed"):
+    for name in ("ttft_slo", "tbt_slo", "speed", "rate"):
         if not 0 < getattr(args, name) < math.inf:
             raise ValueError(f"--{name.replace('_', '-')}: expected a number > 0")
     policies = (args.sweep_policies or args.policy).split(",")
@@ -207,9 +212,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    trace = read_trace(args.trace)
-    if args.num_requests is not None:
-        trace = head(trace, args.num_requests)
+    if args.trace is None and args.load is None:
+        raise ValueError("--trace: required unless --load generates a trace")
+    speed = args.speed  # what the sweep still has to apply
+    if args.planner is not None or args.load is not None:
+        trace, speed = load_trace(args), 1.0  # sped up before the load shape
+    else:
+        trace = read_trace(args.trace)
+        if args.num_requests is not None:
+            trace = head(trace, args.num_requests)
     roofline = _roofline(args)
     overrides: dict[str, object] = {
         "ttft_slo_s": args.ttft_slo,
@@ -224,13 +235,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         overrides["store_capacity_blocks"] = 0
     config = SimulationConfig.from_roofline(
         roofline,
-        num_prefill=args.prefill,
-        num_decode=args.decode,
+        num_prefill=args.prefill or 1,  # with --planner, set per planner in run_planners
+        num_decode=args.decode or 1,
         max_num_seqs=args.max_num_seqs,
         **overrides,
     )
     print(
-        f"trace {args.trace}: {trace.num_rows} requests; reuse ceiling with one unlimited cache "
+        f"trace {args.trace or 'generated'}: {trace.num_rows} requests; reuse ceiling with one unlimited cache "
         f"{prefix_reuse_ceiling(trace):.1%} of prompt tokens\n"
         f"instance: {roofline.tensor_parallel} x {roofline.gpu.name}, {roofline.model.name}; "
         f"decode KV {config.decode_kv_blocks} blocks; links "
@@ -247,13 +258,15 @@ def run_simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
 
+    if args.planner is not None:
+        return run_planners(args, trace, config, factory, out)
     result = sweep(
         trace,
         config,
         {name: factory(name) for name in policies},
         instances=args.sweep_instances,
         # The rate column is the total multiplier of the trace's arrival rate.
-        rates=[args.speed * rate for rate in args.sweep_rates or (1.0,)],
+        rates=[speed * rate for rate in args.sweep_rates or (1.0,)],
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     rows = result.table.to_pylist()

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from raycake.policies.cluster_view import SchedulingPolicy
+from raycake.policies.planner import PlannerConfig
 from raycake.policies.scheduling import scheduling_policy_from_config
 from raycake.policies.scheduling_config import SCHEDULING_POLICY_NAMES, SchedulingConfig
 from raycake.policies.step_cost_model import StepCostModel
 from raycake.sim.roofline import RooflineCostModel
 from raycake.sim.traces import TRACE_BLOCK_SIZE
-from raycake.validation import is_count, require
+from raycake.validation import is_count, is_number, require
 
 
 class StepTimer(Protocol):
@@ -50,6 +51,12 @@ class SimulationConfig:
     prefill_chunk_tokens: int | None = None
     eviction_policy: str = "lru"
     step_timer: StepTimer | None = None
+    # Autoscaling (``autoscaling.Autoscaler``); None: num_prefill / num_decode throughout.
+    # With a planner they are the counts at the start.
+    planner: PlannerConfig | None = None
+    planner_interval_s: float = 5.0  # how often the planner sees the last window's view
+    # A new instance is paid for at once but takes work only this long after (node + model load).
+    instance_startup_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode", "kv_block_bytes", "decode_kv_blocks"):
@@ -86,6 +93,21 @@ class SimulationConfig:
             "a StepCostModel",
             self.cost_model,
         )
+        _check(
+            self.planner is None or isinstance(self.planner, PlannerConfig),
+            "planner",
+            "None or a PlannerConfig",
+            self.planner,
+        )
+        for name in ("planner_interval_s", "instance_startup_s"):
+            value = getattr(self, name)
+            low = 0 if name == "instance_startup_s" else 1e-3
+            _check(
+                is_number(value) and value >= low,
+                name,
+                f"a finite number >= {low:g} (seconds)",
+                value,
+            )
         timer = self.step_timer
         _check(
             timer is None

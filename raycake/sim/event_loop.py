@@ -17,6 +17,9 @@ Timing: a request's TTFT runs from arrival to its KV landing on the decode insta
 store fetch + prefill + transfer); its token intervals are the decode steps it takes part in,
 the first one counted from TTFT. Transfers do not contend for links (each runs at the full
 bandwidth). Steps are timed by ``step_timer`` (default: the policies' ``cost_model``).
+
+With ``config.planner`` set, an ``autoscaling.Autoscaler`` adds and drains instances at planner
+ticks (events in the same heap); without one, no tick is ever queued and the counts stay fixed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from dataclasses import fields
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raycake.policies.cluster_view import (
     ClusterView,
@@ -37,6 +41,7 @@ from raycake.policies.cluster_view import (
     RequestView,
     SchedulingPolicy,
 )
+from raycake.sim.autoscaling import Autoscaler, instance_seconds
 from raycake.sim.config import SimulationConfig, StepTimer
 from raycake.sim.instances import DecodeState, PrefillState, PrefixCache, SimRequest
 from raycake.sim.results import RequestRows, SimulationResult, summarize
@@ -46,8 +51,10 @@ from raycake.sim.results import RequestRows, SimulationResult, summarize
 _VIEW_HAS_PREFIX_HASHES = "prefix_hashes" in {f.name for f in fields(RequestView)}
 # Mooncake's TBT: the mean of the slowest 10% of a request's token intervals.
 TBT_SLOWEST_SHARE = 0.1
+ROLES = ("prefill", "decode")
 
 _PREFILL_DONE, _TRANSFER_DONE, _DECODE_STEP_DONE = 0, 1, 2
+_PLANNER_TICK, _INSTANCE_READY = 3, 4  # queued only with a planner
 
 
 class SimulatedCluster:
@@ -60,13 +67,13 @@ class SimulatedCluster:
         self.block_size = config.block_size
         self.kv_bytes_per_token = config.kv_block_bytes / config.block_size
         self.bandwidth = config.transfer_bandwidth_bytes_per_s
-        self.prefill = [
-            PrefillState(i, PrefixCache(config.prefill_cache_blocks, config.eviction_policy))
-            for i in range(config.num_prefill)
-        ]
-        self.decode = [DecodeState(i, config.decode_kv_blocks) for i in range(config.num_decode)]
+        # The instances taking work (what the policy sees; ``index`` is the position here) and,
+        # for the totals and checks, every instance the run ever had.
+        self.prefill = [self.new_prefill(i) for i in range(config.num_prefill)]
+        self.decode = [self.new_decode(i) for i in range(config.num_decode)]
         self.prefill_by_id = {p.instance_id: p for p in self.prefill}
         self.decode_by_id = {d.instance_id: d for d in self.decode}
+        self.every_prefill, self.every_decode = list(self.prefill), list(self.decode)
         self.store = (
             PrefixCache(config.store_capacity_blocks, config.eviction_policy)
             if config.store_capacity_blocks != 0
@@ -79,6 +86,20 @@ class SimulatedCluster:
         self.next_arrival_s = 0.0  # decode steps ending by then may complete without an event
         self.rows = RequestRows()
         self.requests = self._requests(trace)
+        self.autoscaler = Autoscaler(self) if config.planner is not None else None
+
+    def new_prefill(self, number: int) -> PrefillState:
+        config = self.config
+        return PrefillState(
+            number, PrefixCache(config.prefill_cache_blocks, config.eviction_policy)
+        )
+
+    def new_decode(self, number: int) -> DecodeState:
+        return DecodeState(number, self.config.decode_kv_blocks)
+
+    def schedule_ready(self, at_s: float, state: PrefillState | DecodeState) -> None:
+        """A started instance takes work from ``at_s`` (the autoscaler's start-up delay)."""
+        self._push(at_s, _INSTANCE_READY, state)
 
     @staticmethod
     def _requests(trace: pa.Table) -> list[SimRequest]:
@@ -118,8 +139,18 @@ class SimulatedCluster:
                 self._decode_step_done(payload)  # type: ignore[arg-type]
             elif kind == _PREFILL_DONE:
                 self._prefill_done(payload)  # type: ignore[arg-type]
-            else:
+            elif kind == _TRANSFER_DONE:
                 self._transfer_done(payload)  # type: ignore[arg-type]
+            elif kind == _PLANNER_TICK:
+                self._planner_tick()
+            else:
+                self.autoscaler.instance_ready(payload)  # type: ignore[union-attr,arg-type]
+
+    def _planner_tick(self) -> None:
+        # Ticks stop once every request has finished or been rejected: the run is over.
+        if len(self.rows.trace_order) < len(self.requests):
+            self.autoscaler.tick(self.now)  # type: ignore[union-attr]
+            self._push(self.now + self.config.planner_interval_s, _PLANNER_TICK, None)
 
     def run(self, progress: bool = False, label: str | None = None) -> SimulationResult:
         from tqdm import tqdm
@@ -132,6 +163,8 @@ class SimulatedCluster:
             desc=label or self.policy.name,
             mininterval=0.5,
         )
+        if self.autoscaler is not None:
+            self._push(self.autoscaler.start(self.requests[0].arrival_s), _PLANNER_TICK, None)
         for i, request in enumerate(self.requests):
             self.next_arrival_s = request.arrival_s
             self._handle_until(request.arrival_s)
@@ -145,19 +178,27 @@ class SimulatedCluster:
         bar.close()
         self.check_invariants()
         table = self.rows.to_table()
+        timeline = paid = None
+        if self.autoscaler is not None:
+            ends = pc.add(table.column("arrival_s"), table.column("e2e_s"))
+            timeline = self.autoscaler.finish(pc.max(ends).as_py())
+            paid = {f"{role}_instance_s": instance_seconds(timeline, role) for role in ROLES}
         return SimulationResult(
             requests=table,
             summary=summarize(
                 table,
                 policy=label or self.policy.name,
-                num_prefill=len(self.prefill),
-                num_decode=len(self.decode),
-                prefill_busy_s=sum(p.busy_s for p in self.prefill),
-                decode_busy_s=sum(d.busy_s for d in self.decode),
-                decode_steps=sum(len(d.step_durations) for d in self.decode),
+                num_prefill=self.config.num_prefill,
+                num_decode=self.config.num_decode,
+                prefill_busy_s=sum(p.busy_s for p in self.every_prefill),
+                decode_busy_s=sum(d.busy_s for d in self.every_decode),
+                decode_steps=sum(len(d.step_durations) for d in self.every_decode),
                 decode_step_tokens=self.decode_step_tokens,
                 wall_s=time.perf_counter() - started,
+                planner=self.config.planner.name if self.config.planner else None,
+                **(paid or {}),
             ),
+            timeline=timeline,
         )
 
     # --- The conductor ------------------------------------------------------------------
@@ -455,11 +496,11 @@ class SimulatedCluster:
 
     def check_invariants(self) -> None:
         """After the run: every queue drained and every booked load released."""
-        for p in self.prefill:
+        for p in self.every_prefill:
             if p.queue or p.current is not None:
                 raise AssertionError(f"{p.instance_id}: prefills left")
             p.cache.check_invariants()
-        for d in self.decode:
+        for d in self.every_decode:
             books = (
                 d.assigned,
                 d.assigned_context_tokens,

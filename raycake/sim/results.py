@@ -102,6 +102,13 @@ class SimulationSummary:
     tbt_p99_s: float
     wall_s: float
     requests_per_wall_s: float  # simulation speed
+    # Autoscaling: the planner's name (None: fixed counts, num_prefill / num_decode throughout;
+    # with a planner those are the counts at the start) and the paid instance time per role
+    # over the makespan, starting and draining instances included.
+    planner: str | None = None
+    prefill_instance_s: float = math.nan
+    decode_instance_s: float = math.nan
+    instance_hours: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,8 +125,12 @@ def summarize(
     decode_steps: int,
     decode_step_tokens: int,
     wall_s: float,
+    planner: str | None = None,
+    prefill_instance_s: float | None = None,
+    decode_instance_s: float | None = None,
 ) -> SimulationSummary:
-    """The summary of a run from its per-request rows and the instances' busy times."""
+    """The summary of a run from its per-request rows and the instances' busy times; paid
+    instance seconds default to the fixed counts times the makespan."""
     rejected = table.column("rejected").to_pylist()
     arrivals = table.column("arrival_s").to_pylist()
     ends = [a + e for a, e in zip(arrivals, table.column("e2e_s").to_pylist(), strict=True)]
@@ -143,6 +154,10 @@ def summarize(
     local_tokens = sum(local[i] for i in served)
     fetched_tokens = sum(fetched[i] for i in served)
     num_served = len(served)
+    if prefill_instance_s is None:
+        prefill_instance_s = num_prefill * makespan
+    if decode_instance_s is None:
+        decode_instance_s = num_decode * makespan
 
     def share(count: int, total: int) -> float:
         return count / total if total else math.nan
@@ -164,8 +179,8 @@ def summarize(
         cache_hit_rate=(local_tokens + fetched_tokens) / prompt_tokens,
         local_hit_rate=local_tokens / prompt_tokens,
         store_hit_rate=fetched_tokens / prompt_tokens,
-        prefill_utilization=prefill_busy_s / (num_prefill * makespan),
-        decode_utilization=decode_busy_s / (num_decode * makespan),
+        prefill_utilization=prefill_busy_s / prefill_instance_s,
+        decode_utilization=decode_busy_s / decode_instance_s,
         mean_decode_batch=decode_step_tokens / decode_steps if decode_steps else 0.0,
         ttft_mean_s=sum(ttft) / len(ttft) if ttft else math.nan,
         ttft_p50_s=percentile(ttft, 50),
@@ -177,6 +192,10 @@ def summarize(
         tbt_p99_s=percentile(tbt, 99),
         wall_s=wall_s,
         requests_per_wall_s=len(rejected) / wall_s if wall_s > 0 else math.inf,
+        planner=planner,
+        prefill_instance_s=prefill_instance_s,
+        decode_instance_s=decode_instance_s,
+        instance_hours=(prefill_instance_s + decode_instance_s) / 3600,
     )
 
 
@@ -184,6 +203,8 @@ def summarize(
 class SimulationResult:
     requests: pa.Table  # REQUEST_SCHEMA rows, in trace order
     summary: SimulationSummary
+    # With a planner: autoscaling.TIMELINE_SCHEMA rows, one per tick; None: fixed counts.
+    timeline: pa.Table | None = None
 
     def write_parquet(self, path: str | Path) -> Path:
         path = Path(path)
@@ -238,6 +259,71 @@ def plot_latency_cdfs(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_instances(
+    runs: Mapping[str, Mapping[str, SimulationResult]], path: str | Path, *, bin_s: float = 60.0
+) -> Path:
+    """A PNG of instances over time against the load: one column per trace (``runs``: trace ->
+    label -> result, the same trace in each column), rows for the request rate (arrivals per
+    second in ``bin_s`` bins) and the paid prefill and decode instances of each run (a run
+    without a planner is a flat line at its fixed counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    fig, axes = plt.subplots(
+        3, len(runs), figsize=(5.2 * len(runs), 7.5), sharex="col", squeeze=False
+    )
+    for column, (trace_name, results) in enumerate(runs.items()):
+        load_ax, prefill_ax, decode_ax = axes[:, column]
+        arrivals = next(iter(results.values())).requests.column("arrival_s").to_pylist()
+        start = min(arrivals)
+        bins = [0] * (int((max(arrivals) - start) // bin_s) + 1)
+        for arrival in arrivals:
+            bins[int((arrival - start) // bin_s)] += 1
+        # The last bin ends at the last arrival: its rate is over the part it covers.
+        edges = [i * bin_s for i in range(len(bins))] + [max(arrivals) - start]
+        edges[-1] = max(edges[-1], edges[-2] + 1.0)
+        rates = [n / (b - a) for n, a, b in zip(bins, edges, edges[1:], strict=False)]
+        load_ax.step(
+            [edge / 60 for edge in edges],
+            [*rates, rates[-1]],
+            where="post",
+            color="black",
+        )
+        load_ax.set_title(trace_name)
+        load_ax.set_ylabel("requests / s")
+        for label, result in results.items():
+            summary = result.summary
+            if result.timeline is None:
+                times = [0.0, summary.makespan_s / 60]
+                counts = {"prefill": [summary.num_prefill] * 2, "decode": [summary.num_decode] * 2}
+            else:
+                times = [(t - start) / 60 for t in result.timeline.column("time_s").to_pylist()]
+                counts = {
+                    role: result.timeline.column(f"num_{role}").to_pylist()
+                    for role in ("prefill", "decode")
+                }
+            for ax, role in ((prefill_ax, "prefill"), (decode_ax, "decode")):
+                ax.step(times, counts[role], where="post", label=label)
+        prefill_ax.set_ylabel("prefill instances")
+        decode_ax.set_ylabel("decode instances")
+        decode_ax.set_xlabel("time (min)")
+        for ax in axes[:, column]:
+            ax.grid(True, alpha=0.3)
+        for ax in (prefill_ax, decode_ax):
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    # One legend for every panel, below them: the runs are the same in each column.
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -17,6 +17,7 @@ simulator times steps with that fitted model, so its predictions and the policie
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from raycake.policies.step_cost_model import (
@@ -186,6 +187,42 @@ class RooflineCostModel:
             self.step_overhead_s
             + max(flops / self.flops_per_s, traffic / self.hbm_bytes_per_s)
             + self._allreduce_seconds(batch_size)
+        )
+
+    def mixed_step_seconds(
+        self,
+        prefill_chunks: Sequence[tuple[int, int]],
+        decode_batch: int,
+        decode_context_tokens: int,
+    ) -> float:
+        """One forward pass over prefill chunks ((new, cached) tokens each) and a decode batch
+        (one token per sequence), as chunked prefill batches them on a coupled instance: flops
+        and KV reads add up, but the weights are read once for every token of the pass, so a
+        memory-bound decode batch rides along a compute-bound chunk almost for free while the
+        chunk stretches the step every decode token waits for.
+
+        NOTE: with no decode batch this is ``prefill_seconds`` of the one chunk; with no chunks
+        it is ``decode_step_seconds``."""
+        model = self.model
+        num_tokens = decode_batch + sum(n for n, _ in prefill_chunks)
+        if num_tokens == 0:
+            return 0.0
+        flops = model.attention_flops_per_pair * decode_context_tokens
+        kv_tokens = decode_context_tokens
+        if decode_batch:
+            flops += 2 * (model.active_layer_params + model.lm_head_params) * decode_batch
+        for num_new, num_cached in prefill_chunks:
+            flops += (
+                2 * model.active_layer_params * num_new
+                + 2 * model.lm_head_params
+                + model.attention_flops_per_pair * attention_work(num_new, num_cached)
+            )
+            kv_tokens += num_cached + num_new
+        traffic = self._expert_weight_bytes(num_tokens) + model.kv_bytes_per_token * kv_tokens
+        return (
+            self.step_overhead_s
+            + max(flops / self.flops_per_s, traffic / self.hbm_bytes_per_s)
+            + self._allreduce_seconds(num_tokens)
         )
 
     def transfer_seconds(self, num_tokens: int) -> float:

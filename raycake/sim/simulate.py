@@ -1,6 +1,7 @@
 """Trace-driven simulation of a disaggregated cluster on the real policy objects: one run
 (``simulate``) or a grid of runs (``sweep``). The event loop is ``event_loop.SimulatedCluster``;
-the configuration ``config.SimulationConfig``; the outputs ``results``."""
+the configuration ``config.SimulationConfig``; the outputs ``results``. The coupled baseline
+(prefill and decode on the same instances) is ``simulate_coupled`` (``coupled.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from raycake.sim.config import (
     StepTimer,
     policy_from_name,
 )
+from raycake.sim.coupled import CoupledConfig, simulate_coupled
 from raycake.sim.event_loop import SimulatedCluster
 from raycake.sim.results import (
     SimulationResult,
@@ -27,6 +29,7 @@ from raycake.sim.traces import speed_up
 
 __all__ = [
     "POLICY_NAMES",
+    "CoupledConfig",
     "SimulationConfig",
     "SimulationResult",
     "SimulationSummary",
@@ -35,6 +38,7 @@ __all__ = [
     "plot_latency_cdfs",
     "policy_from_name",
     "simulate",
+    "simulate_coupled",
     "sweep",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from raycake.cli import main
 from raycake.sim.traces import SyntheticTraceConfig, generate_trace
@@ -104,3 +105,46 @@ def test_simulate_reports_bad_inputs(tmp_path, capsys):
     trace = str(_trace(tmp_path))
     assert main(["simulate", "--trace", trace, "--policy", "fastest"]) == 2
     assert "unknown ['fastest']" in capsys.readouterr().err
+
+
+def test_simulate_with_planners_on_a_generated_load(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["simulate", "--load", "diurnal", "--num-requests", "600", "--rate", "40"]
+    args += ["--load-period", "60", "--model", "llama3-8b", "--ttft-slo", "1", "--max-prefill", "4"]
+    code = main([*args, "--planner", "fixed,slo", "--startup", "2", "--cooldown", "5"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "within SLO" in lines[0] and "inst-hours" in lines[0]
+    fixed, slo = (line.split() for line in lines[1:3])
+    assert (fixed[0], slo[0]) == ("fixed", "slo") and fixed[2] == slo[2] == "600"
+    # The slo planner adds prefill instances; fixed stays at the minimum (1P + 1D).
+    assert fixed[-2] == "1/1" and slo[-2] != "1/1"
+    code = main([*args, "--planner", "slo", "--startup", "2", "--json", "--out", str(out)])
+    assert code == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    timeline = pq.read_table(out / "timeline_cache_aware_slo.parquet")
+    times = timeline.column("time_s").to_pylist()
+    counts = timeline.column("num_prefill").to_pylist()
+    paid = sum(c * (b - a) for c, a, b in zip(counts, times, times[1:], strict=False))
+    assert row["planner"] == "slo" and row["prefill_instance_s"] == pytest.approx(paid)
+    assert row["instance_hours"] == pytest.approx((paid + row["decode_instance_s"]) / 3600)
+    assert (out / "instances.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_simulate_varies_a_trace_files_rate(tmp_path, capsys):
+    trace = str(_trace(tmp_path))
+    args = ["simulate", "--trace", trace, "--model", "llama3-8b", "--json", "--prefill", "2"]
+    last_arrival = {}
+    for name, extra in (("plain", []), ("faster", ["--load", "bursty", "--load-low", "2"])):
+        out = tmp_path / name
+        assert main([*args, "--decode", "2", *extra, "--load-peak", "6", "--out", str(out)]) == 0
+        table = pq.read_table(out / "requests_cache_aware_2x2_1x.parquet")
+        assert table.num_rows == 150
+        last_arrival[name] = max(table.column("arrival_s").to_pylist())
+    capsys.readouterr()
+    # At least twice the rate everywhere: the same requests arrive in at most half the time.
+    assert last_arrival["faster"] <= 0.5 * last_arrival["plain"] + 0.01
+    assert main([*args, "--planner", "fastest"]) == 2
+    assert "unknown ['fastest']" in capsys.readouterr().err
+    assert main(["simulate", "--model", "llama3-8b"]) == 2
+    assert "--trace: required unless --load" in capsys.readouterr().err
