@@ -468,6 +468,7 @@ class Conductor:
                     else None,
                     kv_utilization=min(1.0, used / max(1, state.capacity_blocks)),
                     num_running=running,
+                    slot_utilization=min(1.0, running / max(1, state.load.max_num_seqs)),
                 )
             )
         signals = PlannerSignals(

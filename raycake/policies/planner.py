@@ -164,12 +164,17 @@ class DecodeInstanceStats:
     kv_utilization: float  # KV blocks in use / all blocks, 0..1
     num_running: int
     num_waiting: int = 0  # assigned but not yet running (no KV room or batch slot)
+    # Batch slots taken / max_num_seqs, 0..1, counting requests placed here that are still in
+    # prefill (the conductor books a slot from the moment it places a request): a full batch
+    # rejects requests as surely as a full KV cache does.
+    slot_utilization: float = 0.0
 
     def __post_init__(self) -> None:
         where = f"decode instance {self.instance_id!r}"
         if self.tbt_s is not None:
             check_number(f"{where}.tbt_s", self.tbt_s, low=0)
         check_number(f"{where}.kv_utilization", self.kv_utilization, low=0, high=1)
+        check_number(f"{where}.slot_utilization", self.slot_utilization, low=0, high=1)
         check_count(f"{where}.num_running", self.num_running)
         check_count(f"{where}.num_waiting", self.num_waiting)
 
@@ -321,8 +326,9 @@ class SLOPlanner:
     TTFT SLO; above ``scale_up_at`` (or with over ``reject_up_fraction`` of the window's
     requests rejected, since rejected requests never queue and so never show in TTFT) add
     ``proportional_step`` instances; below ``scale_down_at`` with no rejection, remove one.
-    Decode: the p90 TBT as a fraction of the TBT SLO, and the mean KV utilisation against
-    ``kv_scale_up_at`` / ``kv_scale_down_at``; either breach adds, both low removes one.
+    Decode: the p90 TBT as a fraction of the TBT SLO, and the mean KV or batch-slot
+    utilisation (the higher) against ``kv_scale_up_at`` / ``kv_scale_down_at``; either breach
+    adds, both low removes one.
     Scale-down also needs the load of the remaining instances (n / (n - 1) times today's) to
     stay under the up threshold, so that removing one cannot by itself cause a scale-up, no
     rejection in the window (the view does not say which role caused it), and no instance of
@@ -365,8 +371,12 @@ class SLOPlanner:
         config, count = self.config, view.num_decode
         if not view.decode:
             return _RoleSignal(0, False, "no decode stats yet")
-        kv = _mean([s.kv_utilization for s in view.decode])
-        add, reasons = 0, [f"mean KV use {kv:.2f}"]
+        # Capacity: KV blocks or batch slots, whichever runs out first.
+        kv = max(
+            _mean([s.kv_utilization for s in view.decode]),
+            _mean([s.slot_utilization for s in view.decode]),
+        )
+        add, reasons = 0, [f"mean KV/slot use {kv:.2f}"]
         tbt_low = True  # no SLO or no token in the window: TBT does not hold a scale-down
         if kv > config.kv_scale_up_at:
             add = proportional_step(count, kv / config.kv_scale_up_at, config.max_step)

@@ -240,6 +240,8 @@ class Autoscaler:
             kv_utilization=min(1.0, d.used_blocks / d.capacity_blocks),
             num_running=d.num_running,
             num_waiting=len(d.waiting),
+            # As the conductor books slots: from placement on, prefilling requests included.
+            slot_utilization=min(1.0, d.assigned / self.cluster.config.max_num_seqs),
         )
 
     def _record(self, now_s: float, rate: float, num_rejected: int, reason: str) -> None:

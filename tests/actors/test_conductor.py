@@ -283,6 +283,7 @@ def test_planner_signals_are_the_books_and_the_window_resets():
     assert decode.kv_utilization == pytest.approx(5 / 20)
     assert decode.tbt_s == pytest.approx(0.002 + 1e-4)  # the cost model, batch of one
     assert decode.num_running == 1
+    assert decode.slot_utilization == pytest.approx(1 / 32)  # max_num_seqs 32
     again = conductor.planner_signals()
     assert (again.num_admitted, again.num_rejected) == (0, 0)
     # A draining instance is not in the signals.

@@ -422,3 +422,24 @@ def test_slo_planner_does_not_scale_down_while_an_instance_is_still_starting():
     both = (*idle, PrefillInstanceStats("prefill-1", 0.01, 0))
     view = PlannerView(now_s=1.0, num_prefill=2, num_decode=1, prefill=both, ttft_slo_s=1.0)
     assert planner.plan(view).num_prefill == 1
+
+
+def test_slo_planner_scales_decode_on_full_batch_slots_with_kv_to_spare():
+    planner = make_planner(PlannerConfig(name="slo", cooldown_s=0.0))
+    full = DecodeInstanceStats(
+        "decode-0", tbt_s=None, kv_utilization=0.2, num_running=128, slot_utilization=1.0
+    )
+    view = PlannerView(now_s=0.0, num_prefill=1, num_decode=1, decode=(full,), tbt_slo_s=0.1)
+    decision = planner.plan(view)
+    # 1.0 / 0.85 of the up threshold over one instance: ceil(1.18) - 1 = 1 more.
+    assert decision.num_decode == 2 and "KV/slot use 1.00" in decision.reason
+    # Only KV use (0.2) would have held it at 1.
+    light = replace(full, slot_utilization=0.2)
+    again = make_planner(PlannerConfig(name="slo", cooldown_s=0.0))
+    view = PlannerView(now_s=0.0, num_prefill=1, num_decode=1, decode=(light,), tbt_slo_s=0.1)
+    assert again.plan(view).num_decode == 1
+
+
+def test_decode_stats_check_slot_utilization():
+    with pytest.raises(ValueError, match=r"decode instance 'decode-0'.slot_utilization"):
+        DecodeInstanceStats("decode-0", None, 0.1, 1, slot_utilization=1.5)
