@@ -24,6 +24,17 @@ class StepTimer(Protocol):
     def decode_step_seconds(self, batch_size: float, total_context_tokens: float) -> float: ...
 
 
+def check_step_timer(name: str, timer: object) -> None:
+    """None, or an object that times prefill and decode steps (``StepTimer``)."""
+    require(
+        timer is None
+        or (hasattr(timer, "prefill_seconds") and hasattr(timer, "decode_step_seconds")),
+        name,
+        "None or an object with prefill_seconds and decode_step_seconds",
+        timer,
+    )
+
+
 def _check(condition: bool, name: str, expected: str, got: object) -> None:
     require(condition, f"simulation.{name}", expected, got)
 
@@ -108,14 +119,7 @@ class SimulationConfig:
                 f"a finite number >= {low:g} (seconds)",
                 value,
             )
-        timer = self.step_timer
-        _check(
-            timer is None
-            or (hasattr(timer, "prefill_seconds") and hasattr(timer, "decode_step_seconds")),
-            "step_timer",
-            "None or an object with prefill_seconds and decode_step_seconds",
-            timer,
-        )
+        check_step_timer("simulation.step_timer", self.step_timer)
 
     @classmethod
     def from_roofline(

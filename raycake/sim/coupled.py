@@ -40,6 +40,7 @@ from raycake.policies.cluster_view import (
 )
 from raycake.policies.estimates import predict_decode_load, predict_tbt
 from raycake.policies.step_cost_model import StepCostModel
+from raycake.sim.config import check_step_timer
 from raycake.sim.coupled_instance import CoupledInstance, CoupledRequest
 from raycake.sim.results import RequestRows, SimulationResult, summarize
 from raycake.sim.roofline import RooflineCostModel
@@ -100,14 +101,7 @@ class CoupledConfig:
             "a StepCostModel",
             self.cost_model,
         )
-        timer = self.step_timer
-        require(
-            timer is None
-            or (hasattr(timer, "prefill_seconds") and hasattr(timer, "decode_step_seconds")),
-            "coupled.step_timer",
-            "None or an object with prefill_seconds and decode_step_seconds",
-            timer,
-        )
+        check_step_timer("coupled.step_timer", self.step_timer)
 
     @classmethod
     def from_roofline(
