@@ -32,7 +32,7 @@ import ray
 from ray.exceptions import RayError
 
 from raycake.cluster.config import ClusterConfig
-from raycake.cluster.instance_actors import start_instance
+from raycake.cluster.instance_actors import find_instances, start_instance
 from raycake.policies.planner import PlannerDecision, PlannerView, make_planner
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,15 @@ class Autoscaler:
         await self._taking_over
 
     async def _take_over(self) -> None:
-        """Take over the instances the conductor knows (all of them after a restart, draining
-        ones resumed), then run the planner every ``planner_interval_s``.
+        """Take over the instances the conductor knows and those alive by name (draining ones
+        resumed), then run the planner every ``planner_interval_s``.
         Runs from ``__init__``, so a restarted autoscaler resumes by itself."""
         instances: dict[str, Any] = await self.conductor.instances.remote()
         draining = set(await self.conductor.draining_instances.remote())
+        # Instances alive by name that the conductor does not know (it restarted too): adopted,
+        # and re-added to it at the next round.
+        alive = await asyncio.to_thread(find_instances, self.config)
+        instances = {**alive, **instances}
         for iid, handle in instances.items():
             role = _role(iid)
             self._next_index[role] = max(self._next_index[role], _index(iid) + 1)

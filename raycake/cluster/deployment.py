@@ -15,7 +15,7 @@ from raycake.actors.autoscaler import Autoscaler
 from raycake.actors.conductor import Conductor
 from raycake.actors.kv_store import KVStoreShard, replica_shard
 from raycake.cluster.config import ClusterConfig
-from raycake.cluster.instance_actors import actor_options, start_instance
+from raycake.cluster.instance_actors import actor_options, find_instances, start_instance
 from raycake.engine.runner import kv_cache_bytes_per_block
 from raycake.model.config import ModelConfig
 from raycake.model.loader import DTYPES, read_model_config, resolve_model_path
@@ -193,6 +193,7 @@ def shutdown_deployment(config: ClusterConfig) -> int:
             ).values()
         actors.append(conductor)
     actors += [named(f"raycake-kv-store-{i}") for i in range(config.num_store_shards)]
+    actors += find_instances(config).values()  # also those neither of them knows
     killed = set()
     for actor in actors:
         if actor is None or actor._actor_id in killed:

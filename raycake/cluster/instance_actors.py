@@ -60,3 +60,26 @@ def start_instance(
             instance_id, config.engine, config.transfer_backend, store_shards, config.telemetry
         )
     return actor_cls.remote(instance_id, config.engine, config.transfer_backend, config.telemetry)
+
+
+# find_instances looks names up until this many consecutive indices of a role are free.
+PROBE_MISSES = 16
+
+
+def find_instances(config: ClusterConfig) -> dict[str, Any]:
+    """The deployment's instance actors alive now, by id, found by name: also those no conductor
+    knows (the autoscaler and the conductor restarted together). Blocking GCS lookups."""
+    found: dict[str, Any] = {}
+    for role in ("prefill", "decode"):
+        index = misses = 0
+        while misses < PROBE_MISSES:
+            instance_id = f"{role}-{index}"
+            try:
+                found[instance_id] = ray.get_actor(
+                    instance_actor_name(instance_id), namespace=config.namespace
+                )
+                misses = 0
+            except ValueError:
+                misses += 1
+            index += 1
+    return found

@@ -13,10 +13,14 @@ import time
 
 import pytest
 import ray
+import torch
 
 from raycake import LLM, SamplingParams
+from raycake.actors.calibration import calibrate
 from raycake.cluster.cluster import Cluster
 from raycake.cluster.config import ClusterConfig
+from raycake.engine.config import EngineConfig
+from raycake.engine.llm_engine import LLMEngine
 from raycake.policies.planner import PlannerConfig
 from raycake.policies.scheduling_config import SchedulingConfig
 from tests.autoscaling_cluster import LocalAutoscalingCluster
@@ -28,6 +32,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 NUM_CLIENTS = 40
 LOAD_TIMEOUT_S = 150.0  # the ramp lasts until each role has a second instance serving
 IDLE_TIMEOUT_S = 90.0
+PROMPT_TOKENS = 48  # about a ramp prompt's length
 
 
 def _worker_type(resource: str) -> dict:
@@ -64,6 +69,19 @@ def _nodes() -> dict[str, int]:
     return {role: sum(r in res for res in alive) for role, r in ROLES.items()}
 
 
+def _ttft_slo_s() -> float:
+    """A TTFT SLO ten prefills of a ramp prompt long, from a cost model calibrated here as the
+    instances calibrate theirs (one torch thread): a queue of the ramp's prefills exceeds it,
+    an idle instance (one prefill: 0.1x) stays far below the 0.3x scale-down threshold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cost_model = calibrate(LLMEngine(EngineConfig()))
+    finally:
+        torch.set_num_threads(threads)
+    return 10 * cost_model.prefill_seconds(PROMPT_TOKENS, 0)
+
+
 def test_load_ramp_adds_instances_and_nodes_and_idleness_removes_them(autoscaling_ray):
     config = ClusterConfig(
         namespace="raycake-autoscaling",
@@ -76,10 +94,11 @@ def test_load_ramp_adds_instances_and_nodes_and_idleness_removes_them(autoscalin
             name="slo", max_prefill=2, max_decode=2, cooldown_s=2.0, down_stable_s=4.0
         ),
         planner_interval_s=0.5,
-        # A TTFT SLO a queue of the ramp's prefills exceeds and an idle instance meets (the
-        # predicted TTFT comes from the cost model and the conductor's queue, not the clock);
-        # a TBT SLO any batch exceeds: decode scales on the ramp, and down when idle.
-        scheduling=SchedulingConfig(ttft_slo_s=1.0, tbt_slo_s=0.002, enable_early_rejection=False),
+        # The predicted TTFT comes from the cost model and the conductor's queue, not the
+        # clock. A TBT SLO any batch exceeds: decode scales on the ramp, and down when idle.
+        scheduling=SchedulingConfig(
+            ttft_slo_s=_ttft_slo_s(), tbt_slo_s=0.002, enable_early_rejection=False
+        ),
     )
     cluster = Cluster(config)
     try:

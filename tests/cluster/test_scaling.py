@@ -10,25 +10,21 @@ import time
 
 import pytest
 import ray
-from ray.exceptions import RayActorError
 
 from raycake import LLM, SamplingParams
 from raycake.cluster.cluster import Cluster
-from raycake.cluster.config import ClusterConfig
 from raycake.cluster.instance_actors import instance_actor_name
-from tests.ray_fixture import ray_session  # noqa: F401 - the session fixture
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 PROMPTS = [f"def function_{i}(x):\n    return x * {i} + " for i in range(36)]
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_session):  # noqa: F811
-    cluster = Cluster.from_config(
-        ClusterConfig(namespace="raycake-test-scaling", num_prefill=1, num_decode=1)
-    )
-    yield cluster
-    cluster.shutdown()
+def cluster(serving_cluster):
+    """The session's 1+1 cluster (its other users ran before: these tests leave it at 1+1)."""
+    status = serving_cluster.scale_to(1, 1)
+    assert status.running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
+    return serving_cluster
 
 
 def _pid(actor) -> int:
@@ -87,14 +83,12 @@ def test_scale_to_checks_its_counts_before_any_work(cluster):
 def test_a_restarted_autoscaler_and_conductor_keep_the_added_instances(cluster):
     added = cluster.scale_to(2, 1).running["prefill"][-1]
     # The autoscaler restarts and takes the instances over from the conductor.
+    old_pid = _pid(cluster.autoscaler)
     ray.kill(cluster.autoscaler, no_restart=False)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            status = cluster.scaling_status()
-            break
-        except RayActorError:
-            time.sleep(0.5)
+    while _pid(cluster.autoscaler) == old_pid and time.monotonic() < deadline:
+        time.sleep(0.5)  # calls wait for the restart; the kill itself is asynchronous
+    status = cluster.scaling_status()
     assert status.running == {"prefill": ["prefill-0", added], "decode": ["decode-0"]}
     # The conductor restarts knowing only the instances it was created with; the autoscaler's
     # next round adds the new one back, and requests reach it again.
@@ -115,6 +109,20 @@ def test_a_restarted_autoscaler_and_conductor_keep_the_added_instances(cluster):
     outputs = cluster.generate(fresh, PARAMS)
     assert {o.finish_reason for o in outputs} == {"length"}
     assert {o.prefill_instance for o in outputs} == {"prefill-0", added}
+    # Both restart at once: the conductor forgets the added instance and the autoscaler cannot
+    # learn it from the conductor; it finds it by name, adopts it and re-adds it.
+    pids = (_pid(cluster.autoscaler), _pid(cluster.conductor))
+    ray.kill(cluster.autoscaler, no_restart=False)
+    ray.kill(cluster.conductor, no_restart=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        restarted = _pid(cluster.autoscaler) != pids[0] and _pid(cluster.conductor) != pids[1]
+        if restarted and added in ray.get(cluster.conductor.instances.remote()):
+            break
+        time.sleep(0.5)
+    assert _pid(cluster.autoscaler) != pids[0] and _pid(cluster.conductor) != pids[1]
+    assert added in ray.get(cluster.conductor.instances.remote())
+    assert cluster.scaling_status().running["prefill"] == ["prefill-0", added]
     # And it can still drain what it took over.
     status = cluster.scale_to(1, 1)
     assert status.running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
