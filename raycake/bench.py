@@ -35,6 +35,7 @@ from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.spec.config import SpeculativeConfig
 from raycake.engine.spec.tree import SpecDecodeStats
 from raycake.model.config import MoEConfig
+from raycake.model.int8_outliers import LayerOutliers, int8_share_overall, measure_outliers
 from raycake.model.moe import MoEStats
 from raycake.model.tokenizer import Tokenizer
 
@@ -160,6 +161,8 @@ class BenchReport:
     router: str | None  # the MoE layers' routing policy; None for a dense model
     moe_layers: tuple[MoELayerLoad, ...] = ()  # empty for a dense model
     spec: SpecBenchStats | None = None  # None without speculation
+    # quantization "int8": where LLM.int8() runs in int8, per layer, on held-out text.
+    int8_layers: tuple[LayerOutliers, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,6 +208,8 @@ class BenchReport:
                     f"{load.layer:>5}  {load.drop_rate:>9.2%}  {load.imbalance:>9.2f}  "
                     f"{load.kept_imbalance:>14.2f}  {tokens}"
                 )
+        if self.int8_layers:
+            lines += ["", *_int8_lines(self.int8_layers)]
         if self.spec is not None:
             sp, spec_config = self.spec, c.speculative
             assert spec_config is not None
@@ -229,6 +234,24 @@ class BenchReport:
                 ),
             ]
         return "\n".join(lines)
+
+
+def _int8_lines(layers: tuple[LayerOutliers, ...]) -> list[str]:
+    lines = [
+        f"LLM.int8() on {INT8_WINDOWS} held-out windows of {INT8_WINDOW_TOKENS} tokens "
+        f"(threshold {layers[0].threshold:g}): int8 share of multiply-adds "
+        f"{int8_share_overall(list(layers)):.1%} for a call of one window (prefill), "
+        f"{int8_share_overall(list(layers), 'token'):.1%} for one token (decode)",
+        f"{'layer':<36} {'K':>5} {'int8/window':>11} {'int8/token':>10} "
+        f"{'outlier cols':>12} {'systematic':>10}",
+    ]
+    for layer in layers:
+        lines.append(
+            f"{layer.name:<36} {layer.in_features:>5} {layer.int8_share_window:>11.1%} "
+            f"{layer.int8_share_token:>10.2%} {layer.outlier_columns_any:>12} "
+            f"{layer.systematic_columns:>10}"
+        )
+    return lines
 
 
 def _ms(value: float | None) -> str:
@@ -262,6 +285,11 @@ def percentile(values: list[float], q: float) -> float | None:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# The int8 report's held-out text: this many windows of this many tokens.
+INT8_WINDOWS = 8
+INT8_WINDOW_TOKENS = 256
 
 
 def random_prompts(
@@ -369,7 +397,20 @@ def _run(llm: Any, config: BenchConfig, progress: bool) -> BenchReport:
         router_for(engine.model_config, config.moe).name if moe_load else None,
         moe_load,
     )
-    return dataclasses.replace(report, spec=spec)
+    int8_layers = _int8_layers(engine, config.seed) if config.quantization == "int8" else ()
+    return dataclasses.replace(report, spec=spec, int8_layers=int8_layers)
+
+
+def _int8_layers(engine: Any, seed: int) -> tuple[LayerOutliers, ...]:
+    """Outlier columns of every int8 layer, measured on held-out text after the run."""
+    import torch
+
+    length = min(INT8_WINDOW_TOKENS, engine.max_model_len)
+    windows = corpus_prompts(random.Random(seed), engine.tokenizer, INT8_WINDOWS, length)
+    model, device = engine.model, engine.runner.device
+    ids = torch.tensor(windows, dtype=torch.long, device=device)  # [W, T]
+    positions = torch.arange(length, device=device)[None]  # [1, T]
+    return tuple(measure_outliers(model, lambda window: model(window, positions), ids))
 
 
 def _policy_steps(controller: Any) -> tuple[int, int]:

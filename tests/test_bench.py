@@ -72,6 +72,12 @@ def test_int8_weight_bytes_are_one_byte_per_projection_weight_plus_scales(tied_l
                     input_len=8, output_len=2)
     )  # fmt: skip
     assert report.weight_bytes == int8 and "int8 weights" in report.format_text()
+    # Where int8 really runs, per layer: 4 projections in each of the 2 layers.
+    assert len(report.int8_layers) == 2 * 4
+    for layer in report.int8_layers:
+        # A token's outlier columns are among its window's: decode runs at least as much in int8.
+        assert 0 <= layer.int8_share_window <= layer.int8_share_token <= 1
+    assert "int8 share of multiply-adds" in report.format_text()
 
 
 def test_weight_bytes_of_a_mixtral_model_match_transformers(mixtral):
