@@ -451,6 +451,7 @@ class Conductor:
                 + self._prefill_models[iid].prefill_seconds(typical, 0),
                 queued_prefill_tokens=max(0, self._queued_tokens[iid]),
                 num_queued_requests=max(0, self._num_queued[iid]),
+                queued_s=self._queued_s[iid],
             )
             for iid in self._routable(self._prefill_index)
         )

@@ -146,12 +146,18 @@ class PrefillInstanceStats:
     predicted_ttft_s: float
     queued_prefill_tokens: int
     num_queued_requests: int = 0
+    # Of predicted_ttft_s, the wait behind the prefills queued there (the rest is the new
+    # request's own prefill, which no number of instances shortens); None: not known, all of
+    # predicted_ttft_s counts as wait.
+    queued_s: float | None = None
 
     def __post_init__(self) -> None:
         where = f"prefill instance {self.instance_id!r}"
         check_number(f"{where}.predicted_ttft_s", self.predicted_ttft_s, low=0)
         check_count(f"{where}.queued_prefill_tokens", self.queued_prefill_tokens)
         check_count(f"{where}.num_queued_requests", self.num_queued_requests)
+        if self.queued_s is not None:
+            check_number(f"{where}.queued_s", self.queued_s, low=0, high=self.predicted_ttft_s)
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,9 @@ class SLOPlanner:
     Prefill: the p90 over instances of the predicted TTFT of a new request, as a fraction of the
     TTFT SLO; above ``scale_up_at`` (or with over ``reject_up_fraction`` of the window's
     requests rejected, since rejected requests never queue and so never show in TTFT) add
-    ``proportional_step`` instances; below ``scale_down_at`` with no rejection, remove one.
+    ``proportional_step`` instances. Remove one when the p90 queue wait is below
+    ``scale_down_at`` (the own prefill, which no instance count shortens, is left out) and the
+    p90 TTFT with one fewer stays below ``scale_up_at``, with no rejection.
     Decode: the p90 TBT as a fraction of the TBT SLO, and the mean KV or batch-slot
     utilisation (the higher) against ``kv_scale_up_at`` / ``kv_scale_down_at``; either breach
     adds, both low removes one.
@@ -362,10 +370,26 @@ class SLOPlanner:
         if ratio > config.scale_up_at:
             add = max(add, proportional_step(count, ratio / config.scale_up_at, config.max_step))
         elif view.num_rejected == 0:
-            is_low = ratio < config.scale_down_at and _fits_one_fewer(
-                ratio, count, config.scale_up_at
-            )
+            is_low = count > 1 and self._prefill_low_with_one_fewer(view, count)
         return _RoleSignal(add, is_low, ", ".join(reasons))
+
+    def _prefill_low_with_one_fewer(self, view: PlannerView, count: int) -> bool:
+        """Low: the p90 queue wait is under ``scale_down_at``. And with one instance fewer, the
+        queues grow by n / (n - 1) but the own prefill does not: the p90 TTFT must stay under
+        ``scale_up_at``, so that removing one cannot by itself cause a scale-up. Judging the
+        wait, not the TTFT, lets an idle role shrink even when one bare prefill is a large part
+        of the SLO."""
+        slo, grow = view.ttft_slo_s, count / (count - 1)
+        assert slo is not None
+        waits, ttfts = [], []
+        for s in view.prefill:
+            wait = s.predicted_ttft_s if s.queued_s is None else s.queued_s
+            waits.append(wait)
+            ttfts.append(s.predicted_ttft_s - wait + wait * grow)
+        return (
+            percentile(waits, 0.9) / slo < self.config.scale_down_at
+            and percentile(ttfts, 0.9) / slo < self.config.scale_up_at
+        )
 
     def _decode_signal(self, view: PlannerView) -> _RoleSignal:
         config, count = self.config, view.num_decode

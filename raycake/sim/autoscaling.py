@@ -224,6 +224,7 @@ class Autoscaler:
             predicted_ttft_s=p.queued_seconds(now_s) + self.typical_prefill_s,
             queued_prefill_tokens=tokens,
             num_queued_requests=p.num_queued(),
+            queued_s=p.queued_seconds(now_s),
         )
 
     def _decode_stats(self, d: DecodeState) -> DecodeInstanceStats:

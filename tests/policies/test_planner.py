@@ -443,3 +443,22 @@ def test_slo_planner_scales_decode_on_full_batch_slots_with_kv_to_spare():
 def test_decode_stats_check_slot_utilization():
     with pytest.raises(ValueError, match=r"decode instance 'decode-0'.slot_utilization"):
         DecodeInstanceStats("decode-0", None, 0.1, 1, slot_utilization=1.5)
+
+
+def test_an_idle_prefill_role_shrinks_even_when_one_prefill_is_a_large_part_of_the_slo():
+    # Idle (no wait), but a bare prefill is 0.5x the SLO: TTFT alone (0.5 > 0.3) would hold
+    # the count forever, though a second instance shortens nothing.
+    idle = tuple(PrefillInstanceStats(f"prefill-{i}", 0.5, 0, queued_s=0.0) for i in range(2))
+    view = PlannerView(now_s=0.0, num_prefill=2, num_decode=1, prefill=idle, ttft_slo_s=1.0)
+    planner = make_planner(PlannerConfig(name="slo", cooldown_s=0.0, down_stable_s=0.0))
+    assert planner.plan(view).num_prefill == 1
+    # A queue of 0.2x on each of the two would become 0.4x on one: 0.5 + 0.4 > 0.8, so they stay.
+    busy = tuple(PrefillInstanceStats(f"prefill-{i}", 0.7, 0, queued_s=0.2) for i in range(2))
+    view = PlannerView(now_s=1.0, num_prefill=2, num_decode=1, prefill=busy, ttft_slo_s=1.0)
+    planner = make_planner(PlannerConfig(name="slo", cooldown_s=0.0, down_stable_s=0.0))
+    assert planner.plan(view).num_prefill == 2
+
+
+def test_prefill_stats_check_that_the_wait_is_part_of_the_ttft():
+    with pytest.raises(ValueError, match=r"prefill instance 'p'.queued_s"):
+        PrefillInstanceStats("p", 0.5, 0, queued_s=0.6)
