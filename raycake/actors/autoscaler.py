@@ -34,6 +34,7 @@ from ray.exceptions import RayError
 from raycake.cluster.config import ClusterConfig
 from raycake.cluster.instance_actors import find_instances, start_instance
 from raycake.policies.planner import PlannerDecision, PlannerView, make_planner
+from raycake.validation import check_int, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +173,7 @@ class Autoscaler:
         await self._taking_over
         targets = {"prefill": num_prefill, "decode": num_decode}
         for role, count in targets.items():
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"num_{role}: expected an integer >= 1, got {count!r}")
+            check_int(f"num_{role}", count, low=1)
         if self.config.transfer_backend == "ray_direct" and any(
             count > self._count(role) for role, count in targets.items()
         ):
@@ -187,6 +187,7 @@ class Autoscaler:
 
     async def settle(self, timeout_s: float) -> ScalingStatus:
         """Wait until no instance is starting or draining (tests, ``raycake`` commands)."""
+        check_number("timeout_s", timeout_s, low=0, low_exclusive=True)
         await self._taking_over
         deadline = time.monotonic() + timeout_s
         while self._starting or self._draining:

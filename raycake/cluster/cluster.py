@@ -300,7 +300,8 @@ class Cluster:
             return
         out.prefill_instance = decision.prefill_instance_id
         out.decode_instance = decision.decode_instance_id
-        prefill_ref = self._instance(decision.prefill_instance_id).prefill.remote(
+        prefill = await self._instance(decision.prefill_instance_id)
+        prefill_ref = prefill.prefill.remote(
             PrefillWork(
                 out.request_id,
                 out.prompt_token_ids,
@@ -372,13 +373,13 @@ class Cluster:
                     yield update
         finally:
             # Whatever happened, the prefill instance may drop its published copy of the KV.
-            self._instance(decision.prefill_instance_id).release.remote(result.kv_handle)
+            prefill.release.remote(result.kv_handle)
 
     async def _decode_stream(
         self, out: ClusterOutput, decode_id: str, work: DecodeWork, known: int
     ) -> AsyncIterator[ClusterOutput]:
         produced = 1
-        stream = self._instance(decode_id).generate.remote(work)
+        stream = (await self._instance(decode_id)).generate.remote(work)
         finished = False
         try:
             async for ref in stream:
@@ -446,12 +447,13 @@ class Cluster:
                 except RayActorError:
                     await asyncio.sleep(0.2)  # restarting
 
-    def _instance(self, instance_id: str) -> Any:
-        """An instance's actor handle; one the autoscaler added since is found by its name."""
+    async def _instance(self, instance_id: str) -> Any:
+        """An instance's actor handle; one the autoscaler added since is found by its name (a
+        GCS lookup, off the event loop: an HTTP replica serves other requests meanwhile)."""
         role = self.prefill if instance_id.startswith("prefill-") else self.decode
         if instance_id not in role:
-            role[instance_id] = ray.get_actor(
-                instance_actor_name(instance_id), namespace=self.config.namespace
+            role[instance_id] = await asyncio.to_thread(
+                ray.get_actor, instance_actor_name(instance_id), namespace=self.config.namespace
             )
         return role[instance_id]
 
@@ -470,6 +472,7 @@ class Cluster:
         An autoscaling planner may change the counts again at its next round."""
         for name, value in (("num_prefill", num_prefill), ("num_decode", num_decode)):
             check_int(name, value, low=1)
+        check_number("timeout_s", timeout_s, low=0, low_exclusive=True)
         status = ray.get(self.autoscaler.scale_to.remote(num_prefill, num_decode))
         if wait:
             status = ray.get(self.autoscaler.settle.remote(timeout_s))

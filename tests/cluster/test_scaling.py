@@ -77,6 +77,9 @@ def test_scale_to_checks_its_counts_before_any_work(cluster):
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="num_decode: expected a positive integer"):
             cluster.scale_to(1, bad)
+    for bad in (float("nan"), float("inf"), 0, True):
+        with pytest.raises(ValueError, match="timeout_s: expected a finite number > 0"):
+            cluster.scale_to(1, 1, timeout_s=bad)
     assert cluster.scaling_status().running == {"prefill": ["prefill-0"], "decode": ["decode-0"]}
 
 
