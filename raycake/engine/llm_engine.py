@@ -40,6 +40,7 @@ from raycake.engine.spec.runner import SpecDecodeRunner
 from raycake.engine.spec.tree import SpecDecodeStats
 from raycake.engine.state_cache import MemoryStateCache
 from raycake.engine.step_contract import RequestUpdate, SchedulerOutput, SchedulerStats
+from raycake.model.cpu_prepack import prepack_linears
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
@@ -82,6 +83,8 @@ class LLMEngine:
             quantization=config.quantization,
             int8_threshold=config.int8_threshold,
         )
+        if config.prepack_weights:
+            prepack_linears(self.model)
         model_config = self.model.config
         self.model_config = model_config
         self.max_model_len = min(
