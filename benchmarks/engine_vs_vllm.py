@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> None:
                         "raycake_tok_s": tokens / best_rc,
                         "vllm_tok_s": tokens / best_vllm,
                         "ratio": best_vllm / best_rc,
-                        "same_tokens": sum(a == b for a, b in zip(ours, vllm_tokens, strict=True)) / n,
+                        "same_tokens": sum(a == b for a, b in zip(ours, vllm_tokens, strict=True))
+                        / n,
                         "prompt_tokens": args.prompt_tokens,
                         "new_tokens": args.new_tokens,
                         "threads": args.threads,
