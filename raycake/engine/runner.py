@@ -19,7 +19,13 @@ from raycake.engine.memory_state import MemoryStateInputs, MemoryStatePool, Span
 from raycake.engine.sampler import SampleError, sample_rows
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
-from raycake.model.attention import AttentionMetadata, QuerySpan, window_mask
+from raycake.model.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    QuerySpan,
+    decode_group_bounds,
+    window_mask,
+)
 from raycake.model.config import ModelConfig
 from raycake.model.llama import LlamaForCausalLM
 
@@ -189,13 +195,18 @@ class ModelRunner:
         slots: list[int] = []
         sample_indices: list[int] = []
         sample_ids: list[str] = []
-        decode_tables = decode_mask = None
+        decode_groups: list[DecodeGroup] = []
         if decodes:
-            lengths = [s.num_computed_tokens + 1 for _, s in decodes]
+            # Shortest context first, so decodes of similar length share one attention call.
             # A window's decode gathers only the blocks that hold its window.
+            lengths = [s.num_computed_tokens + 1 for _, s in decodes]
             firsts = [self._first_block(n - 1) for n in lengths]
-            max_blocks = max(-(-n // bs) - f for n, f in zip(lengths, firsts, strict=True))
-            rows = []
+            counts = [-(-n // bs) - f for n, f in zip(lengths, firsts, strict=True)]
+            order = sorted(range(len(decodes)), key=counts.__getitem__)
+            decodes = [decodes[i] for i in order]
+            lengths = [lengths[i] for i in order]
+            firsts = [firsts[i] for i in order]
+            counts = [counts[i] for i in order]
             for i, (rid, s) in enumerate(decodes):
                 pos = s.num_computed_tokens
                 input_ids.append(s.token_ids[pos])
@@ -203,20 +214,10 @@ class ModelRunner:
                 slots.append(s.block_ids[pos // bs] * bs + pos % bs)
                 sample_indices.append(i)
                 sample_ids.append(rid)
-                row = s.block_ids[firsts[i] : firsts[i] + max_blocks]
-                rows.append(row + [0] * (max_blocks - len(row)))
-            decode_tables = torch.tensor(rows, dtype=torch.long, device=device)  # [D, M]
-            context = torch.arange(max_blocks * bs, device=device)
-            ends = torch.tensor(lengths, device=device)
-            if self.sliding_window is None:
-                blocked = context[None, :] >= ends[:, None]  # [D, M * P] padding
-            else:
-                starts = torch.tensor(firsts, device=device) * bs
-                key_pos = starts[:, None] + context[None, :]  # [D, M * P]
-                blocked = (key_pos >= ends[:, None]) | (
-                    key_pos < ends[:, None] - self.sliding_window
+            for start, end in decode_group_bounds(counts):
+                decode_groups.append(
+                    self._decode_group(decodes, lengths, firsts, counts, start, end)
                 )
-            decode_mask = _additive_mask(blocked, self.dtype)[:, None, None, :]  # [D, 1, 1, M * P]
 
         spans: list[QuerySpan] = []
         for rid, s, n in chunks:
@@ -251,8 +252,7 @@ class ModelRunner:
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(decodes),
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
+            decode_groups=decode_groups,
             spans=spans,
         )
         memory = None
@@ -275,6 +275,34 @@ class ModelRunner:
             span_request_ids=[rid for rid, _, _ in chunks],
             memory=memory,
         )
+
+    def _decode_group(
+        self,
+        decodes: list[tuple[str, RunnerRequestState]],
+        lengths: list[int],
+        firsts: list[int],
+        counts: list[int],
+        start: int,
+        end: int,
+    ) -> DecodeGroup:
+        """Block tables and padding mask of decodes ``start:end`` (sorted by block count)."""
+        bs, device = self.block_size, self.device
+        max_blocks = counts[end - 1]
+        rows = []
+        for i in range(start, end):
+            row = decodes[i][1].block_ids[firsts[i] : firsts[i] + max_blocks]
+            rows.append(row + [0] * (max_blocks - len(row)))
+        tables = torch.tensor(rows, dtype=torch.long, device=device)  # [d, M]
+        context = torch.arange(max_blocks * bs, device=device)
+        ends = torch.tensor(lengths[start:end], device=device)
+        if self.sliding_window is None:
+            blocked = context[None, :] >= ends[:, None]  # [d, M * P] padding
+        else:
+            starts = torch.tensor(firsts[start:end], device=device) * bs
+            key_pos = starts[:, None] + context[None, :]  # [d, M * P]
+            blocked = (key_pos >= ends[:, None]) | (key_pos < ends[:, None] - self.sliding_window)
+        mask = _additive_mask(blocked, self.dtype)[:, None, None, :]  # [d, 1, 1, M * P]
+        return DecodeGroup(start, end, tables, mask)
 
     def _first_block(self, first_query: int) -> int:
         """The first block a query at position ``first_query`` (or later) attends."""

@@ -20,6 +20,18 @@ import torch.nn.functional as F
 
 
 @dataclass
+class DecodeGroup:
+    """Decode tokens ``start:end`` of the step, attended in one call: their contexts are padded
+    only to the longest in the group, not in the whole batch, so one long request does not make
+    every decode gather and attend over its length."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [d, M] each decode's blocks, padded with block 0
+    mask: torch.Tensor  # [d, 1, 1, M * P] additive: 0 in context, -inf for padding
+
+
+@dataclass
 class QuerySpan:
     """Tokens ``start:end`` of the step belong to one sequence and attend ``context_slots``."""
 
@@ -43,8 +55,8 @@ class AttentionMetadata:
     block_size: int
     slot_mapping: torch.Tensor  # [T] cache slot where each token's K/V is written
     num_decode_tokens: int
-    decode_block_tables: torch.Tensor | None  # [D, M] each decode's blocks, padded with block 0
-    decode_mask: torch.Tensor | None  # [D, 1, 1, M * P] additive: 0 in context, -inf for padding
+    # The decodes in groups of similar context length, in token order (see DecodeGroup).
+    decode_groups: list[DecodeGroup]
     spans: list[QuerySpan]
     # Built on first use and shared by every layer of the step: batched spans, and the rest.
     _plan: tuple[list[SpanBatch], list[QuerySpan]] | None = field(default=None, repr=False)
@@ -53,6 +65,23 @@ class AttentionMetadata:
         if self._plan is None:
             self._plan = _plan_spans(self.spans, self.block_size)
         return self._plan
+
+
+def decode_group_bounds(block_counts: list[int]) -> list[tuple[int, int]]:
+    """Split decodes sorted by how many blocks they read (ascending) into ``(start, end)`` groups
+    whose counts share a power-of-two bucket: each group pads to at most twice a member's
+    length, and a batch needs at most log2(longest) attention calls."""
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(block_counts) + 1):
+        if i == len(block_counts) or _bucket(block_counts[i]) != _bucket(block_counts[start]):
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+def _bucket(num_blocks: int) -> int:
+    return max(num_blocks - 1, 0).bit_length()
 
 
 # Spans at most this long are batched: verify spans are (1 + draft nodes) tokens; a prompt
@@ -145,21 +174,21 @@ def paged_attention(
     v_blocks = v_cache.view(-1, meta.block_size, num_kv_heads, head_dim)  # [N, P, K, Dh]
     out = torch.empty_like(q)
 
-    num_decodes = meta.num_decode_tokens
-    if num_decodes:
-        tables = meta.decode_block_tables
-        assert tables is not None
-        context = tables.shape[1] * meta.block_size
+    for group in meta.decode_groups:
+        num_decodes = group.end - group.start
+        context = group.block_tables.shape[1] * meta.block_size
         # The G query heads that share a kv head become G "query positions" of that head, so
         # GQA needs no repeat of K/V.
-        qd = q[:num_decodes].view(num_decodes, num_kv_heads, -1, head_dim)  # [D, K, G, Dh]
-        flat = tables.flatten()
+        qd = q[group.start : group.end].view(
+            num_decodes, num_kv_heads, -1, head_dim
+        )  # [d, K, G, Dh]
+        flat = group.block_tables.flatten()
         kd = k_blocks.index_select(0, flat).view(num_decodes, context, num_kv_heads, head_dim)
         vd = v_blocks.index_select(0, flat).view(num_decodes, context, num_kv_heads, head_dim)
-        kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [D, K, M * P, Dh]
-        kd, vd, mask = _with_sinks(kd, vd, meta.decode_mask, sinks)
+        kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [d, K, M * P, Dh]
+        kd, vd, mask = _with_sinks(kd, vd, group.mask, sinks)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
-        out[:num_decodes] = od.reshape(num_decodes, num_heads, head_dim)
+        out[group.start : group.end] = od.reshape(num_decodes, num_heads, head_dim)
 
     batches, single = meta.span_plan()
     for batch in batches:

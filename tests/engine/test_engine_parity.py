@@ -31,21 +31,17 @@ def test_logits_match_transformers_across_mixed_steps(tiny_llama):
     captured: list[tuple[str, int, torch.Tensor]] = []
     run_model = runner.run_model
 
-    # The runner flattens a step as: one-token decodes first, then each prefill chunk whole.
+    # The runner flattens a step as: one-token decodes first (shortest context first), then
+    # each prefill chunk whole; the step's inputs say in which order.
     def capture_exact(out):
         states_before = {rid: s.num_computed_tokens for rid, s in runner.requests.items()}
         for new in out.new_requests:
             states_before[new.request_id] = new.num_computed_tokens
         inputs, hidden = run_model(out)
         logits = runner.model.compute_logits(hidden)  # [T, V]
-        decode_ids = [
-            rid
-            for rid, n in out.num_scheduled_tokens.items()
-            if n == 1
-            and states_before[rid] > 0
-            and states_before[rid] + 1 == len(runner.requests[rid].token_ids)
-        ]
-        chunk_ids = [rid for rid in out.num_scheduled_tokens if rid not in decode_ids]
+        decode_ids = inputs.sample_request_ids[: inputs.meta.num_decode_tokens]
+        chunk_ids = inputs.span_request_ids
+        assert sorted(decode_ids + chunk_ids) == sorted(out.num_scheduled_tokens)
         offset = 0
         for rid in decode_ids + chunk_ids:
             n = out.num_scheduled_tokens[rid]

@@ -66,8 +66,7 @@ def test_paged_forward_matches_dense() -> None:
             block_size=block_size,
             slot_mapping=span_pos.clone(),
             num_decode_tokens=0,
-            decode_block_tables=None,
-            decode_mask=None,
+            decode_groups=[],
             spans=[
                 QuerySpan(0, hi - lo, torch.arange(-(-ctx // block_size)), ctx, mask[lo:hi, :ctx])
             ],
