@@ -49,14 +49,16 @@ def _llm(model_dir, speculative: bool = False) -> LLM:
 
 
 def _poison_sampling(monkeypatch) -> None:
-    original = sampler.sample_row
+    """The poisoned row raises in the draw, in a batch and alone (sample_rows then redraws the
+    batch row by row to find it)."""
+    original = sampler.sample_batch
 
-    def sample_row(logits, params, generator):
-        if params.seed == POISON_SEED:
+    def sample_batch(logits, params, generators):
+        if any(p.seed == POISON_SEED for p in params):
             raise RuntimeError("poisoned row")
-        return original(logits, params, generator)
+        return original(logits, params, generators)
 
-    monkeypatch.setattr(sampler, "sample_row", sample_row)
+    monkeypatch.setattr(sampler, "sample_batch", sample_batch)
 
 
 def _check_clean(llm: LLM, free_blocks: int) -> None:
