@@ -170,8 +170,8 @@ def paged_attention(
     v_cache[meta.slot_mapping] = v
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    k_blocks = k_cache.view(-1, meta.block_size, num_kv_heads, head_dim)  # [N, P, K, Dh]
-    v_blocks = v_cache.view(-1, meta.block_size, num_kv_heads, head_dim)  # [N, P, K, Dh]
+    # K and V of the same blocks are gathered together: one index_select instead of two.
+    kv_blocks = kv_cache.view(2, -1, meta.block_size, num_kv_heads, head_dim)  # [2, N, P, K, Dh]
     out = torch.empty_like(q)
 
     for group in meta.decode_groups:
@@ -183,8 +183,8 @@ def paged_attention(
             num_decodes, num_kv_heads, -1, head_dim
         )  # [d, K, G, Dh]
         flat = group.block_tables.flatten()
-        kd = k_blocks.index_select(0, flat).view(num_decodes, context, num_kv_heads, head_dim)
-        vd = v_blocks.index_select(0, flat).view(num_decodes, context, num_kv_heads, head_dim)
+        kvd = kv_blocks.index_select(1, flat).view(2, num_decodes, context, num_kv_heads, head_dim)
+        kd, vd = kvd[0], kvd[1]
         kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [d, K, M * P, Dh]
         kd, vd, mask = _with_sinks(kd, vd, group.mask, sinks)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
@@ -196,8 +196,8 @@ def paged_attention(
         context = batch.block_tables.shape[1] * meta.block_size
         qb = q.index_select(0, batch.token_index).view(num_spans, n, num_heads, head_dim)
         flat = batch.block_tables.flatten()
-        kb = k_blocks.index_select(0, flat).view(num_spans, context, num_kv_heads, head_dim)
-        vb = v_blocks.index_select(0, flat).view(num_spans, context, num_kv_heads, head_dim)
+        kvb = kv_blocks.index_select(1, flat).view(2, num_spans, context, num_kv_heads, head_dim)
+        kb, vb = kvb[0], kvb[1]
         kb, vb, mask = _with_sinks(kb.transpose(1, 2), vb.transpose(1, 2), batch.mask, sinks)
         ob = F.scaled_dot_product_attention(
             qb.transpose(1, 2),  # [R, H, n, Dh]
@@ -212,8 +212,8 @@ def paged_attention(
     for span in single:
         qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
         n = span.context_len
-        ks = k_blocks.index_select(0, span.block_ids).flatten(0, 1)[:n]  # [C, K, Dh]
-        vs = v_blocks.index_select(0, span.block_ids).flatten(0, 1)[:n]  # [C, K, Dh]
+        kvs = kv_blocks.index_select(1, span.block_ids).flatten(1, 2)[:, :n]  # [2, C, K, Dh]
+        ks, vs = kvs[0], kvs[1]
         ks = ks.transpose(0, 1).unsqueeze(0)  # [1, K, C, Dh]
         vs = vs.transpose(0, 1).unsqueeze(0)  # [1, K, C, Dh]
         mask = span.mask
