@@ -42,16 +42,16 @@ def sample_rows(
     """One token per row of ``logits`` [N, V], or a ``SampleError`` for a row that failed: a
     NaN in its logits (a poisoned forward) or an exception while drawing it.
 
-    NOTE: the NaN check is one reduction over [N, V], read back in the greedy argmax's one
-    device sync. A NaN row would otherwise sample garbage silently (argmax picks the NaN) or
-    raise in the draw. Non-greedy rows are drawn together (``sample_batch``); if that raises,
+    NOTE: the NaN check rides on the greedy argmax, read back in one device sync: argmax
+    treats NaN as the largest value, so a row holding a NaN has one at its argmax. A NaN row
+    would otherwise sample garbage silently or raise in the draw. Non-greedy rows are drawn together (``sample_batch``); if that raises,
     they are drawn again one by one from the same generator states, so only the row at fault
     fails and every other row gets the token the batch would have given it.
     """
     # [2, N]: the greedy answer of each row (cheap, and all a greedy row needs), and its NaN flag.
-    greedy, has_nan = torch.stack(
-        (logits.argmax(dim=-1), logits.isnan().any(dim=-1).long())
-    ).tolist()
+    argmax = logits.argmax(dim=-1)  # [N]
+    at_argmax = logits.gather(1, argmax[:, None])[:, 0]
+    greedy, has_nan = torch.stack((argmax, at_argmax.isnan().long())).tolist()
     tokens: list[int | SampleError] = list(greedy)
     rows = []
     for i, p in enumerate(params):
