@@ -9,6 +9,7 @@ import re
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import ray
 import torch
@@ -63,13 +64,16 @@ class KVPeer(RayDirectKVEndpoint):
             name: make_kv_transfer(name, **options.get(name, {})) for name in backends
         }
 
-    def publish(self, backend: str, dtype: str, seed: int, shape=SHAPE, checksum=False) -> KVHandle:
+    def publish(
+        self, backend: str, dtype: str, seed: int, shape=SHAPE, checksum=False, as_tensor=False
+    ) -> KVHandle:
+        """``as_tensor``: publish the torch tensor itself rather than pack_kv's numpy array."""
         kv = make_kv(dtype, seed, shape)
         hashes = [bytes([i]) * 16 for i in range(shape[2] - 1)]
         header, array = pack_kv(
             kv, hashes, num_tokens=shape[2] * shape[3] - 1, with_checksum=checksum
         )
-        return self.transfers[backend].publish(header, array)
+        return self.transfers[backend].publish(header, kv if as_tensor else array)
 
     def publish_state(self, backend: str, seed: int, corrupt_after_publish: bool = False):
         """A KV with a memory state (wire version 3, checksummed). ``corrupt_after_publish``:
@@ -134,6 +138,29 @@ def test_bytes_arrive_intact(peers, backend, dtype):
     assert ray.get(receiver.fetch_equal.remote(backend, handle, dtype, 7))
     assert ray.get(sender.fetch_equal.remote(backend, handle, dtype, 7))  # from itself too
     assert ray.get(sender.release.remote(backend, handle)) == 0
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_object_store_takes_a_tensor_payload(peers, dtype):
+    sender, receiver = peers
+    handle = ray.get(sender.publish.remote("object_store", dtype, seed=8, as_tensor=True))
+    assert ray.get(receiver.fetch_equal.remote("object_store", handle, dtype, 8))
+    ray.get(sender.release.remote("object_store", handle))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "tensor"])
+def test_object_store_puts_a_view_of_the_payload_beside_its_header(monkeypatch, as_tensor):
+    """What publish hands ray.put: the header's msgpack and the caller's own memory as numpy (no
+    copy, no conversion of the bytes), which Ray then writes once, out of band."""
+    values = []
+    monkeypatch.setattr(ray, "put", lambda value: values.append(value) or "ref")
+    kv = make_kv("bfloat16", seed=3)
+    header, array = pack_kv(kv, [], num_tokens=SHAPE[2] * SHAPE[3])
+    handle = make_kv_transfer("object_store").publish(header, kv if as_tensor else array)
+    [(header_bytes, payload)] = values
+    assert header_bytes == handle.header == header.to_msgpack()
+    assert type(payload) is np.ndarray and payload.dtype == np.uint16 and payload.shape == SHAPE
+    assert payload.ctypes.data == kv.data_ptr() and payload.nbytes == kv.numel() * 2
 
 
 def tampered(handle: KVHandle, **changes) -> KVHandle:
