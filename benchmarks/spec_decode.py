@@ -3,7 +3,8 @@ decoding, a fixed chain of 4, an EAGLE tree and the adaptive policy, at batch 1,
 all in the same run.
 
     python -m benchmarks.spec_decode [--batches 1 4 16 64] [--new-tokens 128] [--repeats 3]
-        [--prompt-len 128] [--min-prompts 4] [--tree 12 6 4] [--threads N]
+        [--prompt-len 128] [--min-prompts 4] [--tree 12 6 4] [--threads N] [--draft-model DIR]
+        [--no-prepack]
 
 Greedy, ``new-tokens`` per request (EOS ignored), prompts are windows of held-out standard-library
 source the model and its head never trained on. A batch of ``b`` is ``max(b, min-prompts)``
@@ -53,23 +54,21 @@ class Variant:
     spec: SpeculativeConfig | None
 
 
-def variants(tree: tuple[int, int, int]) -> list[Variant]:
+def variants(tree: tuple[int, int, int], head: str = "default") -> list[Variant]:
     budget, depth, top_k = tree
     return [
         Variant("plain", None),
-        Variant(
-            "chain4", SpeculativeConfig(draft_model="default", num_draft_tokens=4, max_depth=4)
-        ),
+        Variant("chain4", SpeculativeConfig(draft_model=head, num_draft_tokens=4, max_depth=4)),
         Variant(
             "eagle_tree",
             SpeculativeConfig(
-                draft_model="default", num_draft_tokens=budget, max_depth=depth, tree_top_k=top_k
+                draft_model=head, num_draft_tokens=budget, max_depth=depth, tree_top_k=top_k
             ),
         ),
         Variant(
             "adaptive",
             SpeculativeConfig(
-                draft_model="default",
+                draft_model=head,
                 num_draft_tokens=budget,
                 max_depth=depth,
                 tree_top_k=top_k,
@@ -132,6 +131,12 @@ def main() -> None:
         "--tree", type=int, nargs=3, default=[12, 6, 4], metavar=("NODES", "DEPTH", "TOP_K")
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--draft-model", default="default", help="EAGLE head folder ('default': the shipped one)"
+    )
+    parser.add_argument(
+        "--no-prepack", action="store_true", help="EngineConfig.prepack_weights=False"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,10 +145,11 @@ def main() -> None:
     for batch in args.batches:
         engines = {}
         prompts = None
-        for v in variants(tuple(args.tree)):
+        for v in variants(tuple(args.tree), args.draft_model):
             engine = LLMEngine(
                 EngineConfig(
                     speculative=v.spec,
+                    prepack_weights=not args.no_prepack,
                     scheduler=SchedulerConfig(
                         max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * 32)
                     ),

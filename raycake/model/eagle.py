@@ -1,11 +1,21 @@
 """The EAGLE-1 draft head: one decoder layer that predicts the target's next final hidden state.
 
-Legend: T tokens in the step (or B x S when training without a cache), E hidden size, V vocabulary.
+Legend: T tokens in the step (or B x S when training without a cache), E the target's hidden
+size, D the draft layer's width, V vocabulary.
 
-The head owns only ``fc`` (2E -> E, with bias) and one dense decoder layer of the target's shape
-without its first input norm. The token embedding and the lm_head are the target's, shared and
-frozen: the head reads ``embed_tokens`` from the caller and the caller projects its output with
+The head owns only ``fc`` (2E -> D, with bias), one dense decoder layer without its first input
+norm, and, when the layer is narrower than the target (D < E), ``proj`` (D -> E, no bias) back to
+the target's feature space. At D = E (EAGLE-1) the layer has the target's shape and there is no
+``proj``. The token embedding and the lm_head are the target's, shared and frozen: the head
+reads ``embed_tokens`` from the caller and the caller projects its output with
 ``target.compute_logits``.
+
+Narrow layer: drafting at batch 1 reads the head's weights once per draft depth, so its cost
+follows their size. On a small target the EAGLE-1 head is a large share of the target (on the
+embedded model, 28% with its draft vocabulary); ``DraftLayerShape`` sizes the layer for the
+target instead (``DraftLayerShape.narrow``). Since ``proj`` is linear and has no bias, drafting
+can fold it into the next layer's ``fc`` and into the lm_head rows
+(``raycake.engine.spec.drafter``).
 
 Draft vocabulary (optional, as in EAGLE-3 and FR-Spec): the head may carry ``draft_vocab``, the
 ids of the most frequent tokens of its training corpus; drafts are then drawn from those only,
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +44,7 @@ from raycake.model.attention import AttentionMetadata
 from raycake.model.config import ModelConfig, MoEConfig
 from raycake.model.llama import LlamaDecoderLayer
 from raycake.model.rope import RotaryEmbedding
+from raycake.validation import check_positive_int, require
 
 EAGLE_ARCHITECTURE = "EagleDraftHead"
 _WEIGHTS = "model.safetensors"
@@ -54,16 +66,79 @@ def _dense(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, num_experts=0, architecture="LlamaForCausalLM")
 
 
+@dataclass(frozen=True)
+class DraftLayerShape:
+    """The draft layer's own shape, when it is not the target's (a narrow head)."""
+
+    hidden_size: int  # D
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
+            check_positive_int(f"draft_layer.{name}", getattr(self, name))
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "draft_layer.num_key_value_heads",
+            f"a divisor of num_attention_heads ({self.num_attention_heads})",
+            self.num_key_value_heads,
+        )
+        require(
+            self.head_dim % 2 == 0,
+            "draft_layer.head_dim",
+            "an even number (RoPE rotates pairs)",
+            self.head_dim,
+        )
+
+    @classmethod
+    def narrow(cls, target: ModelConfig, hidden_size: int) -> DraftLayerShape:
+        """A layer of width ``hidden_size`` in the target's proportions: its head_dim, as many
+        heads as fit, the target's query heads per kv head where they divide, and its MLP ratio."""
+        check_positive_int("draft_layer.hidden_size", hidden_size)
+        require(
+            hidden_size % target.head_dim == 0,
+            "draft_layer.hidden_size",
+            f"a multiple of the target's head_dim ({target.head_dim})",
+            hidden_size,
+        )
+        heads = hidden_size // target.head_dim
+        group = target.num_attention_heads // target.num_key_value_heads
+        kv_heads = heads // group if heads % group == 0 else heads
+        intermediate = round(hidden_size * target.intermediate_size / target.hidden_size)
+        return cls(hidden_size, intermediate, heads, kv_heads, target.head_dim)
+
+    def layer_config(self, target: ModelConfig) -> ModelConfig:
+        """The target's dense config at this shape (norm eps, RoPE and biases stay the target's)."""
+        return dataclasses.replace(_dense(target), **dataclasses.asdict(self))
+
+
 class EagleDraftHead(nn.Module):
-    def __init__(self, target_config: ModelConfig) -> None:
+    def __init__(
+        self, target_config: ModelConfig, draft_layer: DraftLayerShape | None = None
+    ) -> None:
         super().__init__()
-        self.config = _dense(target_config)
-        hidden = self.config.hidden_size
-        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
-        self.layer = LlamaDecoderLayer(self.config, MoEConfig(), 0)
+        self.config = _dense(target_config)  # the target's shape (features, vocabulary)
+        self.draft_layer = draft_layer  # None: the target's shape (EAGLE-1)
+        self.layer_config = (
+            self.config if draft_layer is None else draft_layer.layer_config(self.config)
+        )
+        hidden, width = self.config.hidden_size, self.layer_config.hidden_size
+        self.fc = nn.Linear(2 * hidden, width, bias=True)
+        self.layer = LlamaDecoderLayer(self.layer_config, MoEConfig(), 0)
         # EAGLE-1 drops the first input norm: fc's output goes straight into attention.
         self.layer.input_layernorm = nn.Identity()
-        self.rotary_emb = RotaryEmbedding(self.config)
+        # Back to the target's feature space (none at full width). NOTE: linear without a bias,
+        # so that drafting can fold it into fc and the lm_head.
+        self.proj = None if width == hidden else nn.Linear(width, hidden, bias=False)
+        self.rotary_emb = RotaryEmbedding(self.layer_config)
         self.draft_vocab: torch.Tensor | None = None  # [Vd] token ids, or None: all of them
 
     def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
@@ -100,9 +175,10 @@ class EagleDraftHead(nn.Module):
         Returns the predicted features at t + 1 [..., E].
         """
         embeds = embed_tokens(next_token_ids).to(features.dtype)  # [..., E]
-        x = self.fc(torch.cat((embeds, features), dim=-1))  # [..., 2E] -> [..., E]
+        x = self.fc(torch.cat((embeds, features), dim=-1))  # [..., 2E] -> [..., D]
         cos, sin = self.rotary_emb(positions, x.dtype)
-        return self.layer(x, cos, sin, meta, kv_cache)  # [..., E]
+        h = self.layer(x, cos, sin, meta, kv_cache)  # [..., D]
+        return h if self.proj is None else self.proj(h)  # [..., E]
 
 
 def save_eagle_head(head: EagleDraftHead, out_dir: str | Path, dtype: str = "float32") -> None:
@@ -122,9 +198,31 @@ def save_eagle_head(head: EagleDraftHead, out_dir: str | Path, dtype: str = "flo
     config = {
         "architectures": [EAGLE_ARCHITECTURE],
         "target": head.config.to_hf_config(dtype),
+        # The draft layer's shape; null: the target's (EAGLE-1).
+        "draft_layer": None if head.draft_layer is None else dataclasses.asdict(head.draft_layer),
         "draft_vocab_size": None if head.draft_vocab is None else len(head.draft_vocab),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_draft_layer(head_dir: str | Path) -> DraftLayerShape | None:
+    """The draft layer's shape of a saved head (None: the target's; heads saved before narrow
+    layers existed have none)."""
+    path = Path(head_dir) / "config.json"
+    layer = json.loads(path.read_text()).get("draft_layer")
+    if layer is None:
+        return None
+    if not isinstance(layer, dict):
+        raise ValueError(f"{path}: draft_layer: expected a mapping or null, got {layer!r}")
+    names = {f.name for f in dataclasses.fields(DraftLayerShape)}
+    if set(layer) != names:
+        raise ValueError(
+            f"{path}: draft_layer: expected the keys {sorted(names)}, got {sorted(layer)}"
+        )
+    try:
+        return DraftLayerShape(**layer)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def read_eagle_config(head_dir: str | Path) -> ModelConfig:
@@ -167,7 +265,7 @@ def load_eagle_head(
             rope_scaling=target_config.rope_scaling,
             rms_norm_eps=target_config.rms_norm_eps,
         )
-    head = EagleDraftHead(head_config)
+    head = EagleDraftHead(head_config, read_draft_layer(head_dir))
     path = Path(head_dir) / _WEIGHTS
     with safe_open(str(path), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118

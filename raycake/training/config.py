@@ -211,6 +211,9 @@ class EagleTrainConfig:
     # Drafts come from this many most frequent training tokens (EAGLE-3's reduced draft
     # vocabulary); None: the whole vocabulary.
     draft_vocab_size: int | None = 1024
+    # The draft layer's width (a narrow head: the target's head_dim, heads and MLP ratio scaled
+    # to it, projected back to the target's hidden size); None: the target's width (EAGLE-1).
+    head_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_windows"):
@@ -247,6 +250,8 @@ class EagleTrainConfig:
             check_positive_int("train_eagle.max_corpus_files", self.max_corpus_files)
         if self.draft_vocab_size is not None:
             check_positive_int("train_eagle.draft_vocab_size", self.draft_vocab_size)
+        if self.head_hidden_size is not None:
+            check_positive_int("train_eagle.head_hidden_size", self.head_hidden_size)
         require(
             self.save_dtype in SUPPORTED_DTYPES,
             "train_eagle.save_dtype",

@@ -6,11 +6,14 @@ For a window x[0..S] the target computes features f[t] (its final hidden states)
 head's entry t reads (f[t] + uniform noise, x[t+1], position t+1) and predicts f[t+1]. The loss is
 the EAGLE paper's: smooth-L1 to f[t+1] plus 0.1 x the cross-entropy from the target's next-token
 distribution Softmax(LM_Head(f[t+1])) to the head's Softmax(LM_Head(prediction)) (or, with
-``token_target="text"``, to the corpus token x[t+2]). Features come from the frozen target on
-every batch, or once for a pool of windows (``cache_windows``). Writes the head
+``token_target="text"``, to the corpus token x[t+2]). With a draft vocabulary (the default) the
+cross-entropy to the target is over those tokens only, as in EAGLE-3: the head drafts nothing
+else, and both logits then cost a quarter of the full lm_head. Features come from the frozen
+target on every batch, or once for a pool of windows (``cache_windows``). Writes the head
 (``save_eagle_head``) plus ``train_report.json`` and ``loss_curve.png``. The report's
-``held_out_accuracy`` is how often the head's top-1 token equals the target's greedy token on
-held-out text, with the true features as input: the chance the first draft token is accepted.
+``held_out_accuracy`` is how often the head's draft (its top-1 token, from the draft
+vocabulary when it has one) equals the target's greedy token on held-out text, with the true
+features as input: the chance the first draft token is accepted.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from raycake.model.eagle import EagleDraftHead, save_eagle_head
+from raycake.model.eagle import DraftLayerShape, EagleDraftHead, save_eagle_head
 from raycake.model.llama import LlamaForCausalLM
 from raycake.model.loader import load_model, resolve_model_path
 from raycake.training.bpe import EOS
@@ -42,9 +45,10 @@ class EagleTrainReport:
     train_tokens: int
     held_out_tokens: int
     tokens_seen: int
-    # Held-out, on the weights as saved: smooth-L1 to the target's features, cross-entropy of
-    # the drafted distribution against the text, and top-1 agreement with the target's greedy
-    # token (the per-token acceptance proxy).
+    # Held-out, on the weights as saved: smooth-L1 to the target's features, the training
+    # cross-entropy (to the target's distribution, over the draft vocabulary when there is
+    # one), and how often the head's draft is the target's greedy token (the per-token
+    # acceptance proxy).
     held_out_feature_loss: float
     held_out_token_ce: float
     held_out_accuracy: float
@@ -148,21 +152,32 @@ def eagle_losses(
     features: torch.Tensor,
     predicted: torch.Tensor,
     token_target: str = "target",
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(smooth-L1 to f[t+1], CE of the drafted distribution, drafted logits [B, S-1, V]).
+    """(smooth-L1 to f[t+1], CE of the drafted distribution, drafted tokens [B, S-1]).
 
     ``token_target="target"``: CE against the target's distribution at t+1 (the paper's
-    CrossEntropy(p_{i+2}, p^_{i+2})); ``"text"``: against the corpus token x[t+2].
+    CrossEntropy(p_{i+2}, p^_{i+2})); with ``draft_vocab`` (ids [Vd]) both distributions are
+    over those tokens (the target's renormalized over them), and drafts come from them.
+    ``"text"``: against the corpus token x[t+2], over the whole vocabulary.
     """
     feature_loss = F.smooth_l1_loss(predicted, features[:, 1:])
-    logits = target.compute_logits(predicted)  # [B, S-1, V]
     if token_target == "target":
+        rows = target.lm_head.weight
+        if draft_vocab is not None:
+            rows = rows[draft_vocab]  # [Vd, E]
+        logits = F.linear(predicted, rows).float()  # [B, S-1, Vd]
         with torch.no_grad():
-            target_probs = target.compute_logits(features[:, 1:]).softmax(-1)  # [B, S-1, V]
+            target_probs = F.linear(features[:, 1:], rows).float().softmax(-1)  # [B, S-1, Vd]
         token_ce = -(target_probs * logits.log_softmax(-1)).sum(-1).mean()
+        drafted = logits.argmax(-1)
+        if draft_vocab is not None:
+            drafted = draft_vocab[drafted]
     else:
+        logits = target.compute_logits(predicted)  # [B, S-1, V]
         token_ce = F.cross_entropy(logits.flatten(0, 1), windows[:, 2:].flatten())
-    return feature_loss, token_ce, logits
+        drafted = logits.argmax(-1)
+    return feature_loss, token_ce, drafted
 
 
 @torch.no_grad()
@@ -173,6 +188,7 @@ def evaluate_head(
     seq_len: int,
     max_windows: int,
     token_target: str = "target",
+    draft_vocab: torch.Tensor | None = None,
 ) -> HeldOutMetrics:
     """Held-out metrics over consecutive non-overlapping windows of ``tokens``."""
     num_windows = min(max_windows, (len(tokens) - 1) // seq_len)
@@ -185,14 +201,14 @@ def evaluate_head(
         windows = _windows(tokens, starts[i : i + 16], seq_len)
         features = target_features(target, windows)  # [B, S, E]
         predicted = head_outputs(head, target, windows, features)
-        feature_loss, token_ce, logits = eagle_losses(
-            target, windows, features, predicted, token_target
+        feature_loss, token_ce, drafted = eagle_losses(
+            target, windows, features, predicted, token_target, draft_vocab
         )
         greedy = target.compute_logits(features[:, 1:]).argmax(-1)  # [B, S-1]: target's x[t+2]
         n = greedy.numel()
         sums["feature"] += feature_loss.item() * n
         sums["ce"] += token_ce.item() * n
-        sums["agree"] += (logits.argmax(-1) == greedy).sum().item()
+        sums["agree"] += (drafted == greedy).sum().item()
         sums["text"] += (greedy == windows[:, 2:]).sum().item()
         sums["count"] += n
         for token, count in zip(*np.unique(greedy.numpy(), return_counts=True), strict=True):
@@ -273,11 +289,23 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
             f"one window of {cfg.seq_len} + 1"
         )
 
-    head = EagleDraftHead(target.config)
+    draft_layer = None
+    if cfg.head_hidden_size is not None:
+        try:
+            draft_layer = DraftLayerShape.narrow(target.config, cfg.head_hidden_size)
+        except ValueError as exc:
+            raise ValueError(f"train_eagle.head_hidden_size: {exc}") from None
+    head = EagleDraftHead(target.config, draft_layer)
     init_weights(head, num_layers=1)
     num_parameters = sum(p.numel() for p in head.parameters())
+    draft_vocab = (
+        None
+        if cfg.draft_vocab_size is None
+        else most_frequent_tokens(train_tokens, cfg.draft_vocab_size, target.config.vocab_size)
+    )
+    vocab_ids = None if draft_vocab is None else torch.tensor(draft_vocab, dtype=torch.long)
     untrained = evaluate_head(
-        head, target, held_tokens, cfg.seq_len, cfg.eval_windows, cfg.token_target
+        head, target, held_tokens, cfg.seq_len, cfg.eval_windows, cfg.token_target, vocab_ids
     )
     cache = None
     if cfg.cache_windows:
@@ -318,7 +346,7 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
             windows, features = cache.windows[picks], cache.features[picks]
         predicted = head_outputs(head, target, windows, features, cfg.feature_noise)
         feature_loss, token_ce, _ = eagle_losses(
-            target, windows, features, predicted, cfg.token_target
+            target, windows, features, predicted, cfg.token_target, vocab_ids
         )
         loss = cfg.feature_loss_weight * feature_loss + cfg.token_loss_weight * token_ce
         optimizer.zero_grad(set_to_none=True)
@@ -335,7 +363,13 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
         )
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             held = evaluate_head(
-                head, target, held_tokens, cfg.seq_len, cfg.eval_windows, cfg.token_target
+                head,
+                target,
+                held_tokens,
+                cfg.seq_len,
+                cfg.eval_windows,
+                cfg.token_target,
+                vocab_ids,
             )
             history.append(
                 {
@@ -349,11 +383,6 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
             )
             progress.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{held.accuracy:.3f}")
 
-    draft_vocab = (
-        None
-        if cfg.draft_vocab_size is None
-        else most_frequent_tokens(train_tokens, cfg.draft_vocab_size, target.config.vocab_size)
-    )
     head.set_draft_vocab(draft_vocab)
     save_eagle_head(head, out_dir, dtype=cfg.save_dtype)
     # Report on the weights as shipped (after the cast to save_dtype).
@@ -362,7 +391,13 @@ def train_eagle(cfg: EagleTrainConfig) -> EagleTrainReport:
     shipped = load_eagle_head(out_dir, target.config, dtype="float32")
     # The final numbers average 16x more held-out windows than the periodic evaluations.
     final = evaluate_head(
-        shipped, target, held_tokens, cfg.seq_len, 16 * cfg.eval_windows, cfg.token_target
+        shipped,
+        target,
+        held_tokens,
+        cfg.seq_len,
+        16 * cfg.eval_windows,
+        cfg.token_target,
+        vocab_ids,
     )
     report = EagleTrainReport(
         num_parameters=num_parameters,

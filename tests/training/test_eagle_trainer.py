@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from raycake.assets import default_model_dir
 from raycake.cli import main
-from raycake.model.eagle import load_eagle_head
+from raycake.model.eagle import DraftLayerShape, load_eagle_head
 from raycake.model.loader import read_model_config
 from raycake.training.config import EagleTrainConfig
 from raycake.training.eagle_trainer import draft_vocab_coverage, most_frequent_tokens
@@ -84,7 +84,7 @@ def test_same_seed_same_weights(head, target, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_cached_features_path(target, tmp_path):
+def test_cached_features_path_and_a_narrow_head(target, tmp_path):
     from raycake.training.eagle_trainer import train_eagle
 
     cfg = EagleTrainConfig(
@@ -97,10 +97,14 @@ def test_cached_features_path(target, tmp_path):
         eval_windows=4,
         cache_windows=8,
         max_corpus_files=12,
+        head_hidden_size=128,
     )
     report = train_eagle(cfg)
     assert report.tokens_seen == 4 * 4 * 16
-    assert (tmp_path / "model.safetensors").is_file()
+    # The embedded model's layer at width 128: 2 heads of 64 sharing 1 kv head, MLP 352.
+    loaded = load_eagle_head(tmp_path, read_model_config(target))
+    assert loaded.draft_layer == DraftLayerShape(128, 352, 2, 1, 64)
+    assert sum(p.numel() for p in loaded.parameters()) == report.num_parameters
 
 
 @pytest.mark.parametrize(
@@ -110,6 +114,7 @@ def test_cached_features_path(target, tmp_path):
         ({"feature_noise": -1.0}, "train_eagle.feature_noise"),
         ({"cache_windows": -1}, "train_eagle.cache_windows"),
         ({"save_dtype": "int8"}, "train_eagle.save_dtype"),
+        ({"head_hidden_size": 0}, "train_eagle.head_hidden_size"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):

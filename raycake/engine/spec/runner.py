@@ -2,23 +2,23 @@
 the accepted tokens' KV, and keep the draft head's own KV current.
 
 Per step: (1) the head catches up on every token committed since it last ran for the requests
-that draft this step, which yields each one's root feature; (2) it grows an EAGLE-2 tree from
-that root (one head forward per depth, batched over requests); (3) one target forward runs
-every request's span, a verify request's span being its last token plus the tree under a tree
-mask; (4) verification accepts a path, whose KV (and features) are copied down to the
-positions they now hold. The head runs only for requests that draft: when the speculation
-policy gives a request no budget (e.g. in a large batch), it costs nothing, and the head
-catches up in one forward when drafting resumes.
+that draft this step, which yields each one's root (the head's h at its last token) and
+gathers their committed head KV once; (2) it grows an EAGLE-2 tree from that root (one head
+forward per depth, batched over requests); (3) one target forward runs every request's span, a
+verify request's span being its last token plus the tree under a tree mask; (4) verification
+accepts a path, whose KV (and features) are copied down to the positions they now hold. The
+head runs only for requests that draft: when the speculation policy gives a request no budget
+(e.g. in a large batch), it costs nothing, and the head catches up in one forward when
+drafting resumes. The head's forwards are ``EagleDrafter``'s (raycake/engine/spec/drafter.py).
 
 The head's KV lives beside the target's, in the same slots (a request's block table serves
 both). Its entry at position p pairs the target's feature at p - 1 with the token at p;
 position 0 has none and is masked out. Target features are kept per slot. A new request's head
 entries are always computed from position 1, since a prefix-cache hit may bring blocks whose
-head entries were never written (their request never drafted). Tree nodes expanded during
-drafting write their head KV into scratch blocks after the pool, one region per request of the
-step.
+head entries were never written (their request never drafted).
 
-Legend: R verify requests, M expanded nodes of one depth, E hidden, V vocabulary, P block size.
+Legend: R verify requests, M expanded nodes of one depth, E hidden, D draft layer width,
+V vocabulary, P block size.
 """
 
 from __future__ import annotations
@@ -28,15 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from raycake.engine.runner import (
-    ChunkInputs,
-    ModelRunner,
-    RunnerRequestState,
-    _additive_mask,
-    reseed,
-)
+from raycake.engine.runner import ChunkInputs, ModelRunner, RunnerRequestState, reseed
 from raycake.engine.spec.config import SpeculativeConfig
 from raycake.engine.spec.controller import SpeculationController
+from raycake.engine.spec.drafter import CatchUpBatch, DraftContext, EagleDrafter
 from raycake.engine.spec.tree import (
     DraftTree,
     SpecDecodeStats,
@@ -48,7 +43,7 @@ from raycake.engine.spec.tree import (
     verify_sampling,
 )
 from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
-from raycake.model.attention import AttentionMetadata, QuerySpan
+from raycake.model.attention import QuerySpan
 from raycake.model.eagle import EagleDraftHead
 from raycake.model.llama import LlamaForCausalLM
 from raycake.policies.speculation import tree_shape
@@ -60,7 +55,7 @@ COLD_VERIFY_STEPS = 3
 @dataclass
 class HeadState:
     next_position: int  # the first position whose head entry is not written yet
-    root_feature: torch.Tensor | None  # [E] the head's output at the last known token
+    root_feature: torch.Tensor | None  # [D] the head's h at the last known token
 
 
 @dataclass
@@ -69,8 +64,8 @@ class _Candidate:
     parent: int  # candidate index, -1 for a child of the root
     depth: int
     score: float  # cumulative draft log-probability
-    feature: torch.Tensor | None = None  # [E] the head's output here, once expanded
-    scratch: int = -1  # the head KV slot (within the request's scratch region), once expanded
+    row: int = -1  # once expanded: its row in that depth's head output
+    columns: tuple[int, ...] = ()  # once expanded: draft columns it attends (ancestors, itself)
 
 
 class SpecDecodeRunner(ModelRunner):
@@ -85,32 +80,23 @@ class SpecDecodeRunner(ModelRunner):
         seed: int = 0,
         controller: SpeculationController | None = None,
     ) -> None:
+        del max_num_seqs  # unused: draft nodes keep their KV in a per-step buffer, not blocks
         super().__init__(model, block_size, num_blocks, seed)
         self.head = head
         self.spec = spec
         # The speculation policy's state: fed each step's acceptance and measured costs.
         self.controller = controller
-        config = model.config
-        expanded = (spec.max_depth - 1) * spec.tree_top_k  # head forwards of one tree, at most
-        self.scratch_blocks = max(1, -(-expanded // block_size))
-        total_blocks = num_blocks + max_num_seqs * self.scratch_blocks
-        kv_shape = (2, total_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        self.head_kv = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.features = torch.zeros(
-            num_blocks * block_size, config.hidden_size, dtype=self.dtype, device=self.device
+            num_blocks * block_size, model.config.hidden_size, dtype=self.dtype, device=self.device
         )
-        # Drafts come from the head's draft vocabulary when it has one: the lm_head rows of
-        # those tokens, copied once (the lm_head is the target's, frozen).
+        # Drafts come from the head's draft vocabulary when it has one.
         vocab = head.draft_vocab
         if vocab is not None and len(vocab) < spec.tree_top_k:
             raise ValueError(
                 f"speculative.tree_top_k: {spec.tree_top_k} exceeds the head's draft vocabulary "
                 f"of {len(vocab)} tokens"
             )
-        self.draft_vocab = None if vocab is None else vocab.to(self.device)
-        self.draft_lm_head = (
-            None if vocab is None else model.lm_head.weight.detach()[self.draft_vocab].clone()
-        )  # [Vd, E]
+        self.drafter = EagleDrafter(head, model, num_blocks * block_size, block_size)
         self.head_states: dict[str, HeadState] = {}
         self.trees: dict[str, DraftTree] = {}  # this step's
         self.stats = SpecDecodeStats()
@@ -144,10 +130,10 @@ class SpecDecodeRunner(ModelRunner):
         if out.is_empty:
             return RunnerOutput(sampled_token_ids={})
         started = time.perf_counter()
-        drafting = list(out.num_draft_tokens)
-        caught_up_tokens = self._extend_head(drafting)
+        budgets = self._deepest_first(out.num_draft_tokens)
+        caught_up_tokens, context = self._extend_head(budgets)
         caught_up = time.perf_counter()
-        self.trees = self._draft(out.num_draft_tokens)
+        self.trees = self._draft(budgets, context)
         for rid, tree in self.trees.items():
             if tree.num_nodes > out.num_draft_tokens[rid]:
                 raise RuntimeError(
@@ -257,13 +243,15 @@ class SpecDecodeRunner(ModelRunner):
             return sampled, errors
         # One lm_head pass over every tree's rows: at small batches a step reads the weights,
         # so a pass per request would read them once per request.
-        rows = torch.cat(
-            [torch.arange(span.start, span.end, device=hidden.device) for _, span in verify]
-        )
-        all_logits = self.model.compute_logits(hidden[rows])  # [sum(1 + n), V]
+        rows = [i for _, span in verify for i in range(span.start, span.end)]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            picked = hidden[rows[0] : rows[0] + len(rows)]
+        else:
+            picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
+        all_logits = self.model.compute_logits(picked)  # [sum(1 + n), V]
         # NaN rows (a poisoned forward) fail their request: argmax would pick the NaN and
-        # commit a garbage token silently. One device read for the whole step.
-        nan_rows = all_logits.isnan().any(dim=-1).tolist()  # [sum(1 + n)]
+        # commit a garbage token silently. One pass (amax propagates NaN), one device read.
+        nan_rows = all_logits.amax(dim=-1).isnan().tolist()  # [sum(1 + n)]
         offset = 0
         for rid, span in verify:
             tree = self.trees[rid]
@@ -318,98 +306,125 @@ class SpecDecodeRunner(ModelRunner):
 
     # ---- the draft head --------------------------------------------------------------------
 
-    def _extend_head(self, request_ids: list[str]) -> int:
-        """Write the head's entries for every newly committed token (feature at p - 1, token p);
-        returns how many entries were written."""
+    def _deepest_first(self, budgets: dict[str, int]) -> dict[str, int]:
+        """``budgets`` ordered by tree depth, deepest first: the requests still growing at
+        any depth are then a prefix of the order, which the drafter batches without a gather."""
+        depth = {rid: self._shape(b)[0] for rid, b in budgets.items()}
+        return dict(sorted(budgets.items(), key=lambda item: -depth[item[0]]))
+
+    def _shape(self, budget: int) -> tuple[int, int]:
+        return tree_shape(budget, self.spec.max_depth, self.spec.tree_top_k)
+
+    def _extend_head(self, budgets: dict[str, int]) -> tuple[int, DraftContext | None]:
+        """Write the head's entries for every token committed since it last ran (feature at
+        p - 1, token p) for the requests of ``budgets``, and gather their context for the
+        tree. Returns how many entries were written, and the context (None: no request)."""
+        if not budgets:
+            return 0, None
+        bs = self.block_size
         tokens: list[int] = []
         positions: list[int] = []
         feature_slots: list[int] = []
         slots: list[int] = []
-        spans: list[QuerySpan] = []
+        tables: list[list[int]] = []
+        context_lens: list[int] = []
+        row_starts = [0]
         roots: list[tuple[str, int]] = []  # requests whose last known token got an entry
-        bs = self.block_size
-        device = self.device
-        for rid in request_ids:
-            state, head = self.requests.get(rid), self.head_states.get(rid)
-            if state is None or head is None:
-                continue
+        for rid in budgets:
+            state, head = self.requests[rid], self.head_states[rid]
             # NOTE: the last known token's slot may be allocated only in the next step.
             num_slots = len(state.block_ids) * bs
             last = min(state.num_computed_tokens, len(state.token_ids) - 1, num_slots - 1)
-            first_pos = head.next_position
-            if last < first_pos:
-                continue
-            start = len(tokens)
-            for p in range(first_pos, last + 1):
+            for p in range(head.next_position, last + 1):
                 tokens.append(state.token_ids[p])
                 positions.append(p)
                 feature_slots.append(self._slot(state, p - 1))
                 slots.append(self._slot(state, p))
-            context = last + 1
-            cols = torch.arange(context, device=device)[None, :]
-            q_pos = torch.arange(first_pos, last + 1, device=device)[:, None]
-            mask = _additive_mask((cols > q_pos) | (cols == 0), self.dtype)  # [n, C]
-            table = state.block_ids[: -(-context // bs)]
-            block_ids = torch.tensor(table, dtype=torch.long, device=device)
-            spans.append(QuerySpan(start, len(tokens), block_ids, context, mask))
-            head.next_position = last + 1
-            if last == len(state.token_ids) - 1:
-                roots.append((rid, len(tokens) - 1))
-        if not tokens:
-            return 0
-        meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
-        out = self.head(
-            self.features[torch.tensor(feature_slots, device=device)],
-            torch.tensor(tokens, device=device),
-            torch.tensor(positions, device=device),
-            self.model.model.embed_tokens,
-            meta,
-            self.head_kv,
-        )  # [T', E]
+            if last >= head.next_position:
+                head.next_position = last + 1
+                if last == len(state.token_ids) - 1:
+                    roots.append((rid, len(tokens) - 1))
+            tables.append(state.block_ids[: -(-(last + 1) // bs)])
+            context_lens.append(last + 1)
+            row_starts.append(len(tokens))
+        depth, width = map(max, zip(*(self._shape(b) for b in budgets.values()), strict=True))
+        batch = CatchUpBatch(tokens, positions, slots, tables, context_lens, row_starts)
+        index = torch.tensor(feature_slots, dtype=torch.long, device=self.device)
+        hidden, context = self.drafter.catch_up(batch, self.features[index], (depth - 1) * width)
         for rid, row in roots:
-            self.head_states[rid].root_feature = out[row]
-        return len(tokens)
+            self.head_states[rid].root_feature = hidden[row]
+        return len(tokens), context
 
-    def _draft(self, budgets: dict[str, int]) -> dict[str, DraftTree]:
+    def _draft(self, budgets: dict[str, int], context: DraftContext | None) -> dict[str, DraftTree]:
         """Grow an EAGLE-2 tree per request: expand the ``width`` best nodes of each depth
-        (``tree_top_k`` children each), then keep the ``budget`` best candidates overall."""
-        if not budgets:
+        (``tree_top_k`` children each), then keep the ``budget`` best candidates overall.
+
+        NOTE: ``budgets`` comes deepest first (``_deepest_first``), in ``context``'s order.
+        """
+        if not budgets or context is None:
             return {}
         rids = list(budgets)
         k = self.spec.tree_top_k
-        shapes = [tree_shape(budgets[r], self.spec.max_depth, k) for r in rids]
-        hidden = self.model.config.hidden_size
+        shapes = [self._shape(budgets[r]) for r in rids]  # (depth, width) per request
+        max_width = max(w for _, w in shapes)
+        chain = max_width == 1  # every expanded node is then an ancestor of the next
+        drafter = self.drafter
         roots = torch.stack(
             [
                 self.head_states[r].root_feature
                 if self.head_states[r].root_feature is not None
-                else torch.zeros(hidden, dtype=self.dtype, device=self.device)
+                else drafter.parent_in.new_zeros(drafter.parent_in.shape[0])
                 for r in rids
             ]
-        )  # [R, E]
-        vals, idx = self._draft_top_k(roots, k)  # [R, k]
+        )  # [R, D]
+        vals, ids = drafter.top_k(roots, k)  # [R][k]
         cands = [
-            [_Candidate(int(t), -1, 1, float(v)) for t, v in zip(idx[r], vals[r], strict=True)]
+            [_Candidate(t, -1, 1, v) for t, v in zip(ids[r], vals[r], strict=True)]
             for r in range(len(rids))
         ]
         frontier = [list(range(width)) for _, width in shapes]
-        for depth in range(1, max(d for d, _ in shapes)):
-            active = [r for r in range(len(rids)) if depth < shapes[r][0]]
-            out = self._expand(rids, roots, cands, frontier, active, depth)  # [M, E]
-            vals, idx = self._draft_top_k(out, k)  # [M, k]
-            vals_l, idx_l = vals.tolist(), idx.tolist()
-            row = 0
-            for r in active:
+        previous = roots  # h of the nodes expanded at the previous depth (the roots first)
+        for depth in range(1, shapes[0][0]):
+            active = sum(d > depth for d, _ in shapes)  # a prefix: deepest first
+            width = max(w for _, w in shapes[:active])
+            first_column = (depth - 1) * max_width
+            token_ids, positions, parent_rows = [], [], []
+            ancestors: list[list[int]] | None = None if chain else []
+            for r in range(active):
+                position = self.requests[rids[r]].num_computed_tokens + depth
+                nodes = frontier[r]
+                for i in range(width):
+                    node = cands[r][nodes[min(i, len(nodes) - 1)]]  # padded: a copy
+                    parent = cands[r][node.parent] if node.parent >= 0 else None
+                    if i < len(nodes):
+                        node.row = r * width + i
+                        column = first_column + i
+                        node.columns = (*(parent.columns if parent else ()), column)
+                    token_ids.append(node.token_id)
+                    positions.append(position)
+                    parent_rows.append(r if parent is None else parent.row)
+                    if ancestors is not None:
+                        ancestors.append(list(node.columns))
+            if parent_rows == list(range(len(parent_rows))):
+                parents = previous[: len(parent_rows)]
+            else:
+                index = torch.tensor(parent_rows, dtype=torch.long, device=self.device)
+                parents = previous.index_select(0, index)
+            previous = drafter.expand(
+                context, parents, token_ids, positions, width, first_column, ancestors
+            )  # [active x width, D]
+            vals, ids = drafter.top_k(previous, k)  # [active x width][k]
+            for r in range(active):
                 children = []
                 for c in frontier[r]:
                     parent = cands[r][c]
-                    parent.feature = out[row]
-                    for t, v in zip(idx_l[row], vals_l[row], strict=True):
+                    row = parent.row
+                    for t, v in zip(ids[row], vals[row], strict=True):
                         children.append(len(cands[r]))
                         cands[r].append(_Candidate(t, c, depth + 1, parent.score + v))
-                    row += 1
-                width = shapes[r][1]
-                frontier[r] = sorted(children, key=lambda i, r=r: -cands[r][i].score)[:width]
+                frontier[r] = sorted(children, key=lambda i, r=r: -cands[r][i].score)[
+                    : shapes[r][1]
+                ]
         return {
             rid: select_tree(
                 [c.token_id for c in cands[r]],
@@ -420,74 +435,3 @@ class SpecDecodeRunner(ModelRunner):
             )
             for r, rid in enumerate(rids)
         }
-
-    def _draft_top_k(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's k likeliest next tokens after each feature [M, E]: (log-probabilities,
-        token ids), both [M, k]; over the draft vocabulary when the head has one."""
-        if self.draft_lm_head is None:
-            logp = self.model.compute_logits(features).log_softmax(-1)  # [M, V]
-            return logp.topk(k, dim=-1)
-        logits = torch.nn.functional.linear(features, self.draft_lm_head).float()  # [M, Vd]
-        vals, idx = logits.log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
-        return vals, self.draft_vocab[idx]
-
-    def _expand(
-        self,
-        rids: list[str],
-        roots: torch.Tensor,
-        cands: list[list[_Candidate]],
-        frontier: list[list[int]],
-        active: list[int],
-        depth: int,
-    ) -> torch.Tensor:
-        """One head forward over the frontier nodes at ``depth`` of the active requests."""
-        bs, k = self.block_size, self.spec.tree_top_k
-        device = self.device
-        features, tokens, positions, slots = [], [], [], []
-        spans: list[QuerySpan] = []
-        for r in active:
-            state = self.requests[rids[r]]
-            root = state.num_computed_tokens
-            committed_blocks = state.block_ids[: -(-(root + 1) // bs)]
-            base = self.num_blocks + r * self.scratch_blocks
-            scratch_blocks = list(range(base, base + self.scratch_blocks))
-            committed = len(committed_blocks) * bs
-            context = committed + self.scratch_blocks * bs
-            # Each node attends the committed tokens but position 0 (no head entry there),
-            # itself and its expanded ancestors in the scratch region: (row, column) pairs
-            # gathered here, set in one indexed write on the device.
-            mask_rows: list[int] = []
-            mask_cols: list[int] = []
-            start = len(tokens)
-            for j, c in enumerate(frontier[r]):
-                node = cands[r][c]
-                node.scratch = (depth - 1) * k + j
-                parent = cands[r][node.parent] if node.parent >= 0 else None
-                features.append(roots[r] if parent is None else parent.feature)
-                tokens.append(node.token_id)
-                positions.append(root + depth)
-                slots.append(base * bs + node.scratch)
-                a = c
-                while a >= 0:  # itself and its ancestors, all expanded
-                    mask_rows.append(j)
-                    mask_cols.append(committed + cands[r][a].scratch)
-                    a = cands[r][a].parent
-            allowed = torch.zeros(len(frontier[r]), context, dtype=torch.bool, device=device)
-            allowed[:, 1 : root + 1] = True
-            allowed[
-                torch.tensor(mask_rows, dtype=torch.long, device=device),
-                torch.tensor(mask_cols, dtype=torch.long, device=device),
-            ] = True
-            table = committed_blocks + scratch_blocks
-            block_ids = torch.tensor(table, dtype=torch.long, device=device)
-            mask = _additive_mask(~allowed, self.dtype)
-            spans.append(QuerySpan(start, len(tokens), block_ids, context, mask))
-        meta = AttentionMetadata(bs, torch.tensor(slots, device=device), 0, None, None, spans)
-        return self.head(
-            torch.stack(features),
-            torch.tensor(tokens, device=device),
-            torch.tensor(positions, device=device),
-            self.model.model.embed_tokens,
-            meta,
-            self.head_kv,
-        )
