@@ -104,8 +104,8 @@ class SpecProbe:
         self.metrics = InstanceMetrics(SPEC_INSTANCE, window_s=0.0)
 
     def run(self, prompt: str) -> dict[str, float]:
-        """Serve the prompt; return what the gauges must show: the last window that verified
-        drafts, and the policy's last choice."""
+        """Serve the prompt; return what the gauges must show: the last window's values
+        (for acceptance, the last window that verified drafts), and the policy's last choice."""
         self.engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=24))
         before = self.engine.spec_stats()
         last: dict[str, float] = {}
@@ -115,13 +115,19 @@ class SpecProbe:
             now = self.engine.spec_stats()
             window = now.since(before)
             before = now
+            # The draft share follows every window that spent time (a step that only runs
+            # the target, or only catches the head up, counts); the acceptance gauges only
+            # windows that verified drafts.
+            if window.draft_seconds + window.target_seconds > 0:
+                last["raycake_spec_draft_time_share"] = window.draft_time_share
             if window.num_verify_steps:
-                last = {
-                    "raycake_spec_acceptance_length": window.mean_acceptance_length,
-                    "raycake_spec_acceptance_rate": window.acceptance_rate,
-                    "raycake_spec_estimated_speedup": window.estimated_speedup,
-                    "raycake_spec_draft_time_share": window.draft_time_share,
-                }
+                last.update(
+                    {
+                        "raycake_spec_acceptance_length": window.mean_acceptance_length,
+                        "raycake_spec_acceptance_rate": window.acceptance_rate,
+                        "raycake_spec_estimated_speedup": window.estimated_speedup,
+                    }
+                )
         return {**last, **self.engine.spec_controller.metrics()}
 
 

@@ -41,6 +41,9 @@ BANDWIDTH_EWMA = 0.3
 # How often a rebuilt conductor re-reads the decode instances' loads while requests it did not
 # schedule (in flight when it restarted) still hold blocks there.
 ORPHAN_REFRESH_S = 1.0
+# How often the conductor re-reads every instance's cost model (a decode instance refits its
+# decode half to its recent steps: see ``DecodeInstance.current_cost_model``).
+COST_MODEL_REFRESH_S = 2.0
 # Weight of each scheduled prompt in the typical prompt length the planner signals assume.
 PROMPT_LENGTH_EWMA = 0.1
 
@@ -114,6 +117,7 @@ class Conductor:
         self._unavailable: set[str] = set()
         self._rebuild_task: asyncio.Task | None = None
         self._rebuild_pending = bool(self._instances or self._store_shards)
+        self._refresh_task: asyncio.Task | None = None
         self.policy = scheduling_policy_from_config(config)
         self.block_size = block_size
         self.block_bytes = block_bytes
@@ -146,6 +150,7 @@ class Conductor:
 
     def ready(self) -> bool:
         self._start_rebuild()
+        self._start_cost_model_refresh()
         return True
 
     # ---- rebuilding soft state -----------------------------------------------------------------
@@ -158,6 +163,28 @@ class Conductor:
         with contextlib.suppress(RuntimeError):  # no running loop: a plain unit test
             self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
             self._rebuild_pending = False
+
+    def _start_cost_model_refresh(self) -> None:
+        """Keep re-reading the instances' cost models in the background, from the first call
+        made in the actor's event loop on (none in a plain unit test, or without handles)."""
+        if self._refresh_task is not None or not self._instances:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop
+            loop = asyncio.get_running_loop()
+            self._refresh_task = loop.create_task(self._refresh_cost_models_forever())
+
+    async def _refresh_cost_models_forever(self) -> None:
+        while True:
+            await asyncio.sleep(COST_MODEL_REFRESH_S)
+            ids = [
+                iid for iid in self._instances if iid in self._decode or iid in self._prefill_index
+            ]
+            loads = await asyncio.gather(
+                *(self._instances[iid].load.remote() for iid in ids), return_exceptions=True
+            )
+            for load in loads:
+                if not isinstance(load, BaseException):  # down or restarting: next round
+                    self.update_cost_model(load)
 
     async def _rebuild(self) -> None:
         prefill_ids = [iid for iid in self._instances if iid in self._prefill_index]
@@ -222,6 +249,7 @@ class Conductor:
         tbt_slo_s: float | None = None,
     ) -> ScheduleDecision | Rejection:
         self._start_rebuild()
+        self._start_cost_model_refresh()
         if request_id in self._in_flight:
             raise ValueError(f"request_id: {request_id!r} is already scheduled")
         if self.max_model_len is not None and num_prompt_tokens + max_tokens > self.max_model_len:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from raycake.actors.calibration import samples_from_steps
 from raycake.actors.instance import EngineInstance
 from raycake.actors.messages import DecodeWork
 from raycake.engine.request_output import StreamDelta
+from raycake.policies.step_cost_model import StepCostModel
 from raycake.transfer.wire import UnpackedKV
 
 # How long an arrived request that can fit waits for KV blocks to free up before it fails.
@@ -21,6 +23,17 @@ ADMISSION_TIMEOUT_S = 60.0
 
 
 class DecodeInstance(EngineInstance):
+    def current_cost_model(self) -> StepCostModel:
+        """The start-up fit with its decode half refitted to recent steps when they cover
+        enough shapes (engine thread). The conductor then predicts this instance's TBT from
+        how fast it runs now: one that calibrated on a busy node and looks slow forever would
+        get no request, and one whose node got busy would keep getting too many."""
+        _, decode = samples_from_steps(self.loop.steps)
+        try:
+            return self.cost_model.refit_decode(decode)
+        except ValueError:
+            return self.cost_model
+
     async def generate(self, work: DecodeWork) -> AsyncIterator[StreamDelta]:
         """Fetch the prompt's KV, join the running batch, stream deltas until finished."""
         with self.telemetry.span("transfer", work.trace_context, instance=self.instance_id):

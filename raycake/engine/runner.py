@@ -330,7 +330,17 @@ class ModelRunner:
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Copy blocks out of the cache: [layers, 2, len(block_ids), P, K, Dh]."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return torch.stack([self._blocks(cache).index_select(1, index) for cache in self.kv_caches])
+        first = self._blocks(self.kv_caches[0])
+        # Each layer's blocks are gathered straight into their slice of one tensor: one copy of
+        # the blocks, not a gather and then a stack (this tensor is what a KV hand-off ships).
+        out = torch.empty(
+            (len(self.kv_caches), 2, len(block_ids), *first.shape[2:]),
+            dtype=first.dtype,
+            device=first.device,
+        )
+        for layer, cache in enumerate(self.kv_caches):
+            torch.index_select(self._blocks(cache), 1, index, out=out[layer])
+        return out
 
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:

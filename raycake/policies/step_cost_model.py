@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from raycake.validation import is_count, is_number, require
@@ -185,16 +185,25 @@ class StepCostModel:
             ],
             [s.seconds for s in prefill_samples],
         )
-        decode = _fit_nonnegative(
-            "decode_samples",
-            "(batch_size, total_context_tokens)",
-            [(1.0, float(s.batch_size), float(s.total_context_tokens)) for s in decode_samples],
-            [s.seconds for s in decode_samples],
-        )
+        decode = _fit_decode(decode_samples)
         return cls(
             prefill_fixed_s=prefill[0],
             prefill_per_token_s=prefill[1],
             prefill_per_token_pair_s=prefill[2],
+            decode_fixed_s=decode[0],
+            decode_per_seq_s=decode[1],
+            decode_per_context_token_s=decode[2],
+        )
+
+    def refit_decode(self, decode_samples: Sequence[DecodeSample]) -> StepCostModel:
+        """This model with its decode half fitted to ``decode_samples`` (same rules as ``fit``;
+        a ``ValueError`` when they do not determine it): a decode instance's recent steps say
+        how fast it runs now, on a node that got busier or quieter since its start-up fit."""
+        bad = [s for s in decode_samples if not isinstance(s, DecodeSample)]
+        require(not bad, "decode_samples", "DecodeSample items", bad[:1])
+        decode = _fit_decode(decode_samples)
+        return replace(
+            self,
             decode_fixed_s=decode[0],
             decode_per_seq_s=decode[1],
             decode_per_context_token_s=decode[2],
@@ -211,6 +220,16 @@ class StepCostModel:
         if unknown or missing:
             raise ValueError(f"cost_model: unknown field(s) {unknown}, missing field(s) {missing}")
         return cls(**data)
+
+
+def _fit_decode(samples: Sequence[DecodeSample]) -> tuple[float, ...]:
+    """(decode_fixed_s, decode_per_seq_s, decode_per_context_token_s) fitted to ``samples``."""
+    return _fit_nonnegative(
+        "decode_samples",
+        "(batch_size, total_context_tokens)",
+        [(1.0, float(s.batch_size), float(s.total_context_tokens)) for s in samples],
+        [s.seconds for s in samples],
+    )
 
 
 def _fit_nonnegative(

@@ -93,6 +93,26 @@ def test_fit_clamps_a_zero_coefficient_at_zero_not_below():
     assert unconstrained_went_negative  # the clamp was exercised, not just the easy case
 
 
+def test_refit_decode_replaces_the_decode_half_and_keeps_the_prefill_half():
+    # The node got 2.5x slower at decoding since start-up: recent steps say so.
+    slower = StepCostModel(
+        **{
+            **TRUE.to_dict(),
+            "decode_fixed_s": 0.02,
+            "decode_per_seq_s": 1e-3,
+            "decode_per_context_token_s": 5e-6,
+        }
+    )
+    _, recent = _samples(slower)
+    refitted = TRUE.refit_decode(recent)
+    for name in ("decode_fixed_s", "decode_per_seq_s", "decode_per_context_token_s"):
+        assert getattr(refitted, name) == pytest.approx(getattr(slower, name), rel=1e-8), name
+    for name in ("prefill_fixed_s", "prefill_per_token_s", "prefill_per_token_pair_s"):
+        assert getattr(refitted, name) == getattr(TRUE, name), name
+    with pytest.raises(ValueError, match=r"decode_samples: expected at least 3 distinct"):
+        TRUE.refit_decode(recent[:2])
+
+
 def test_fit_rejects_too_few_or_collinear_samples():
     prefill, decode = _samples(TRUE)
     repeated = [PrefillSample(256, 0, 0.05)] * 5 + [PrefillSample(512, 0, 0.1)]
