@@ -26,14 +26,6 @@ from raycake.model.loader import read_model_config
 from tests.llama_checkpoints import CONFIGS, build_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=CONFIGS[:2], ids=lambda s: s.name)
 def target_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param.name)

@@ -23,16 +23,6 @@ from raycake.policies.speculation import tree_shape
 from tests.llama_checkpoints import CONFIGS, build_checkpoint, build_mixtral_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread, as the benchmarks run: on a shared 2-core machine two threads spin
-    against each other and other jobs (many times slower, same results)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=CONFIGS[:2], ids=lambda s: s.name)
 def checkpoint(request, tmp_path_factory):
     """(target folder, random EAGLE head folder)."""
