@@ -35,6 +35,7 @@ class LLM:
         max_model_len: int | None = None,
         quantization: str | None = None,
         speculative: SpeculativeConfig | dict | None = None,
+        compile_decode: bool = False,
         config: EngineConfig | None = None,
     ) -> None:
         if isinstance(speculative, dict):
@@ -56,6 +57,7 @@ class LLM:
                 ),
                 quantization=quantization,
                 speculative=speculative,
+                compile_decode=compile_decode,
             )
         self.engine = LLMEngine(config)
         self.expert_shards = None  # ExpertShards when the experts run in Ray actors

@@ -82,6 +82,10 @@ class EngineConfig:
     # On CPU: hold fp32/bf16 linear weights prepacked for oneDNN (faster matmuls at serving
     # batch sizes, for one more copy of those weights in memory). Ignored on other devices.
     prepack_weights: bool = True
+    # Run steps of decodes through a graph compiled by ``torch.compile`` (small ops fused,
+    # attention reading the paged cache in place). The first decode step compiles (tens of
+    # seconds on a small CPU); dense Llama models only, without speculative decoding.
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         require(
@@ -110,6 +114,22 @@ class EngineConfig:
             "prepack_weights",
             "true or false",
             self.prepack_weights,
+        )
+        require(
+            isinstance(self.compile_decode, bool),
+            "compile_decode",
+            "true or false",
+            self.compile_decode,
+        )
+        require(
+            not (
+                self.compile_decode
+                and self.speculative is not None
+                and self.speculative.method is not None
+            ),
+            "compile_decode",
+            "false when speculative decoding is on (verify steps are not compiled)",
+            self.compile_decode,
         )
 
     @classmethod

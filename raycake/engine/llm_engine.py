@@ -41,6 +41,7 @@ from raycake.engine.spec.tree import SpecDecodeStats
 from raycake.engine.state_cache import MemoryStateCache
 from raycake.engine.step_contract import RequestUpdate, SchedulerOutput, SchedulerStats
 from raycake.model.cpu_prepack import prepack_linears
+from raycake.model.decode_graph import CompiledDecode
 from raycake.model.eagle import load_eagle_head
 from raycake.model.loader import DTYPES, load_model, resolve_model_path
 from raycake.model.moe import MoEStats
@@ -136,6 +137,11 @@ class LLMEngine:
                 num_blocks,
                 seed=config.seed,
                 num_memory_slots=num_memory_slots,
+                compiled_decode=(
+                    CompiledDecode(self.model, config.cache.block_size)
+                    if config.compile_decode
+                    else None
+                ),
             )
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) or model_config.eos_token_ids
         self._tracked: dict[str, _TrackedRequest] = {}

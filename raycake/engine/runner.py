@@ -27,7 +27,12 @@ from raycake.model.attention import (
     window_mask,
 )
 from raycake.model.config import ModelConfig
+from raycake.model.decode_graph import CompiledDecode
 from raycake.model.llama import LlamaForCausalLM
+
+# The compiled decode pads every context to the step's longest: past this many times the
+# blocks the decodes hold, the eager path (decodes grouped by length) runs the step instead.
+MAX_COMPILED_PADDING = 2
 
 
 @dataclass
@@ -87,6 +92,16 @@ def _additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return zeros.masked_fill_(blocked, float("-inf"))
 
 
+def _is_decode(state: RunnerRequestState, num_tokens: int) -> bool:
+    """A decode is the one token after a sequence's computed ones; a 1-token prefill chunk in
+    the middle of a prompt is not, and must not sample."""
+    return (
+        num_tokens == 1
+        and state.num_computed_tokens > 0
+        and state.num_computed_tokens + 1 == len(state.token_ids)
+    )
+
+
 def reseed(state: RunnerRequestState) -> None:
     """NOTE: a seeded draw depends only on (seed, sequence length), so the output is the same
     whatever the batch, and after a handoff from a prefill instance."""
@@ -103,9 +118,12 @@ class ModelRunner:
         num_blocks: int,
         seed: int = 0,
         num_memory_slots: int = 0,
+        compiled_decode: CompiledDecode | None = None,
     ) -> None:
         config = model.config
         self.model = model
+        # Steps of decodes only run through this compiled graph when set (see ``decode_graph``).
+        self.compiled_decode = compiled_decode
         self.block_size = block_size
         self.num_blocks = num_blocks
         param = next(model.parameters())
@@ -175,13 +193,7 @@ class ModelRunner:
         chunks: list[tuple[str, RunnerRequestState, int]] = []
         for rid, n in out.num_scheduled_tokens.items():
             state = self.requests[rid]
-            # A decode is the one token after a sequence's computed ones; a 1-token prefill
-            # chunk in the middle of a prompt is not, and must not sample.
-            if (
-                n == 1
-                and state.num_computed_tokens > 0
-                and state.num_computed_tokens + 1 == len(state.token_ids)
-            ):
+            if _is_decode(state, n):
                 decodes.append((rid, state))
             else:
                 chunks.append((rid, state, n))
@@ -276,6 +288,53 @@ class ModelRunner:
             memory=memory,
         )
 
+    def _prepare_compiled_decode(
+        self, out: SchedulerOutput
+    ) -> tuple[StepInputs, torch.Tensor, torch.Tensor] | None:
+        """The compiled graph's inputs when it runs this step, else None: it runs steps of
+        decodes only, whose contexts pad to at most ``MAX_COMPILED_PADDING`` times their blocks
+        (the eager path groups decodes by length instead)."""
+        if self.compiled_decode is None or not out.num_scheduled_tokens:
+            return None
+        rids = list(out.num_scheduled_tokens)
+        states = [self.requests[rid] for rid in rids]
+        if not all(
+            _is_decode(self.requests[rid], n) for rid, n in out.num_scheduled_tokens.items()
+        ):
+            return None
+        bs = self.block_size
+        counts = [-(-(s.num_computed_tokens + 1) // bs) for s in states]
+        max_blocks = max(counts)
+        if max_blocks * len(states) > MAX_COMPILED_PADDING * sum(counts):
+            return None
+        input_ids, positions, slots, tables = [], [], [], []
+        for state in states:
+            pos = state.num_computed_tokens
+            input_ids.append(state.token_ids[pos])
+            positions.append(pos)
+            slots.append(state.block_ids[pos // bs] * bs + pos % bs)
+            table = state.block_ids[:max_blocks]
+            tables.append(table + [0] * (max_blocks - len(table)))
+        device = self.device
+        meta = AttentionMetadata(
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode_tokens=len(states),
+            decode_groups=[],
+            spans=[],
+        )
+        inputs = StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            sample_indices=torch.arange(len(states), device=device),
+            sample_request_ids=rids,
+            span_request_ids=[],
+        )
+        block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+        context_lens = torch.tensor(positions, dtype=torch.long, device=device) + 1
+        return inputs, block_tables, context_lens
+
     def _decode_group(
         self,
         decodes: list[tuple[str, RunnerRequestState]],
@@ -366,6 +425,21 @@ class ModelRunner:
     def run_model(self, out: SchedulerOutput) -> tuple[StepInputs, torch.Tensor]:
         """Apply the step's deltas and run the model over its tokens: final hidden states [T, E]."""
         self._apply_deltas(out)
+        compiled = self._prepare_compiled_decode(out)
+        if compiled is not None:
+            inputs, block_tables, context_lens = compiled
+            assert self.compiled_decode is not None
+            hidden = self.compiled_decode(
+                inputs.input_ids,
+                inputs.positions,
+                inputs.meta.slot_mapping,
+                block_tables,
+                context_lens,
+                self.kv_caches,
+            )
+            for rid in inputs.sample_request_ids:
+                self.requests[rid].num_computed_tokens += 1
+            return inputs, hidden
         inputs = self.prepare(out)
         if inputs.memory is not None:
             hidden = self.model(

@@ -10,6 +10,10 @@ The original weight stays the module's ``weight`` parameter: tied embeddings, EA
 rows of the lm_head and checkpoint export read it. The packed copy is an opaque oneDNN tensor,
 held as a plain attribute so ``state_dict`` and ``Module.to`` never see it; it costs one more
 copy of each packed weight's bytes. Inference only: the packed op has no autograd.
+
+Under ``torch.compile`` the packed call is the custom op ``raycake::prepacked_linear``: inductor
+cannot trace oneDNN's packed linear itself, and as an opaque call the compiled graph keeps
+oneDNN's matmul (and its packed weight) while inductor fuses the small ops around it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@torch.library.custom_op("raycake::prepacked_linear", mutates_args=())
+def prepacked_linear(
+    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """``x @ W.T + b`` with ``W`` packed by ``torch.ops.mkldnn._reorder_linear_weight``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+@prepacked_linear.register_fake
+def _prepacked_linear_shape(
+    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -47,6 +66,8 @@ class PrepackedLinear(nn.Module):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)  # training: the packed op has no autograd
         bias = None if self.bias is None else self.bias.detach()
+        if torch.compiler.is_compiling():
+            return prepacked_linear(x, self.packed_weight, bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
 
     def extra_repr(self) -> str:

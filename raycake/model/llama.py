@@ -56,6 +56,20 @@ class LlamaAttention(nn.Module):
             shape = (2, self.num_kv_heads, titans.num_persistent_tokens, self.head_dim)
             self.persistent_kv = nn.Parameter(torch.randn(shape) * 0.02)
 
+    def project_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., E] -> rotated q [..., H, Dh], rotated k [..., K, Dh], v [..., K, Dh]."""
+        lead = x.shape[:-1]
+        qkv = self.qkv_proj(x)  # [..., (H + 2K) * Dh]
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Rotate q and k heads in one go: they share cos/sin.
+        qk = apply_rotary(
+            qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
+        )
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
+        return q, k, v.view(*lead, self.num_kv_heads, self.head_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -65,14 +79,7 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor | None,
     ) -> torch.Tensor:
         lead = x.shape[:-1]  # (T,) or (B, S)
-        qkv = self.qkv_proj(x)  # [..., (H + 2K) * Dh]
-        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # Rotate q and k heads in one go: they share cos/sin.
-        qk = apply_rotary(
-            qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
-        )
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)  # [..., H, Dh], [..., K, Dh]
-        v = v.view(*lead, self.num_kv_heads, self.head_dim)  # [..., K, Dh]
+        q, k, v = self.project_qkv(x, cos, sin)
         sinks = None
         if self.persistent_kv is not None:
             sinks = (self.persistent_kv[0], self.persistent_kv[1])
