@@ -1,9 +1,11 @@
 """Output tokens/s of raycake vs transformers generate() on the embedded model, same run.
 
-    python benchmarks/engine_throughput.py [--concurrency 1 32] [--repeats 3]
+    python benchmarks/engine_throughput.py [--concurrency 1 32] [--repeats 3] [--compile-decode]
 
 Each request: a ~128-token held-out prompt, 128 new tokens, greedy, EOS ignored so both
 engines produce the same number of tokens. transformers runs the batch with left padding.
+``--compile-decode``: raycake's decode steps through its compiled graph (compiled during the
+warm-up run, outside the timings).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", nargs="+", default=["float32", "bfloat16"], help="both engines run each dtype"
     )
+    parser.add_argument(
+        "--compile-decode", action="store_true", help="raycake with EngineConfig.compile_decode"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -60,7 +65,12 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for dtype in args.dtypes:
-        llm = LLM("default", dtype=dtype, max_num_seqs=max(args.concurrency))
+        llm = LLM(
+            "default",
+            dtype=dtype,
+            max_num_seqs=max(args.concurrency),
+            compile_decode=args.compile_decode,
+        )
         hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=getattr(torch, dtype))
         hf = hf.eval()
         hf.generation_config.eos_token_id = None  # same token count as raycake's ignore_eos
@@ -82,6 +92,7 @@ def main() -> None:
                     "raycake_tok_s": tokens / t_rc,
                     "transformers_tok_s": tokens / t_hf,
                     "ratio": t_hf / t_rc,
+                    "compile_decode": args.compile_decode,
                     "torch_threads": torch.get_num_threads(),
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus",
                 }

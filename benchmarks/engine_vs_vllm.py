@@ -2,7 +2,7 @@
 
     python -m benchmarks.engine_vs_vllm --vllm-python /path/to/vllm-venv/bin/python \
         [--concurrency 1 32] [--dtypes bfloat16 float32] [--repeats 3] [--threads 2] \
-        [--vllm-eager]
+        [--vllm-eager] [--raycake-eager]
 
 vLLM pins its own torch, so it runs in a virtualenv of its own, as a worker process of this
 script (``--worker``, which imports nothing of raycake). Make that virtualenv once:
@@ -20,8 +20,11 @@ runs: idle, they still spin and took most of a 2-core machine from raycake (fp32
 ~200 to 47 tok/s). ``same_tokens`` is the share of requests whose greedy tokens are identical
 in both engines (bf16 rounding lets a few diverge).
 
-``--vllm-eager`` adds vLLM with its model compilation off (``enforce_eager``, compilation mode
-0) as a third engine in every round: what the two engines' eager paths do side by side.
+raycake runs with ``compile_decode`` on (its decode steps compiled by inductor), as vLLM runs
+with its compiled graph; both compile before the timed rounds. ``--vllm-eager`` adds vLLM with
+its model compilation off (``enforce_eager``, compilation mode 0) and ``--raycake-eager``
+raycake with ``compile_decode`` off, as more engines in every round: what the two engines'
+eager paths do side by side.
 
 It is a benchmark, not a test: CI does not install vLLM.
 """
@@ -153,6 +156,11 @@ def main() -> None:
         action="store_true",
         help="also time vLLM with its model compilation off (a third engine in each round)",
     )
+    parser.add_argument(
+        "--raycake-eager",
+        action="store_true",
+        help="also time raycake with compile_decode off (another engine in each round)",
+    )
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -180,8 +188,21 @@ def run(args: argparse.Namespace) -> None:
     columns = ["dtype", "concurrency", "raycake_tok_s", "vllm_tok_s", "ratio", "same_tokens"]
     if args.vllm_eager:
         columns += ["vllm_eager_tok_s", "ratio_vs_eager"]
+    if args.raycake_eager:
+        columns += ["raycake_eager_tok_s", "eager_ratio"]
     for dtype in args.dtypes:
-        llm = LLM("default", dtype=dtype, max_num_seqs=width, enable_prefix_caching=False)
+        ours_modes = [True, False] if args.raycake_eager else [True]
+        llms = {
+            compiled: LLM(
+                "default",
+                dtype=dtype,
+                max_num_seqs=width,
+                enable_prefix_caching=False,
+                compile_decode=compiled,
+            )
+            for compiled in ours_modes
+        }
+        llm = llms[True]
         prompts = held_out_prompts(llm.tokenizer, width, args.prompt_tokens)
         modes = [False, True] if args.vllm_eager else [False]
         vllms = {
@@ -191,15 +212,19 @@ def run(args: argparse.Namespace) -> None:
         try:
             for n in args.concurrency:
                 batch = prompts[:n]
-                llm.generate(batch, params)  # warm every engine at this batch size
+                for ours in llms.values():  # warm (and compile) every engine at this size
+                    ours.generate(batch, params)
                 for vllm in vllms.values():
                     vllm.run(batch, args.new_tokens)
-                best_rc = float("inf")
+                best_ours = dict.fromkeys(ours_modes, float("inf"))
                 best = dict.fromkeys(modes, float("inf"))
                 for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    outputs = llm.generate(batch, params)
-                    best_rc = min(best_rc, time.perf_counter() - start)
+                    for compiled, ours in llms.items():
+                        start = time.perf_counter()
+                        generated = ours.generate(batch, params)
+                        best_ours[compiled] = min(best_ours[compiled], time.perf_counter() - start)
+                        if compiled:
+                            outputs = generated
                     for eager, vllm in vllms.items():
                         seconds, tokens_of_mode = vllm.run(batch, args.new_tokens)
                         best[eager] = min(best[eager], seconds)
@@ -210,9 +235,9 @@ def run(args: argparse.Namespace) -> None:
                 row = {
                     "dtype": dtype,
                     "concurrency": n,
-                    "raycake_tok_s": tokens / best_rc,
+                    "raycake_tok_s": tokens / best_ours[True],
                     "vllm_tok_s": tokens / best[False],
-                    "ratio": best[False] / best_rc,
+                    "ratio": best[False] / best_ours[True],
                     "same_tokens": sum(a == b for a, b in zip(ours, vllm_tokens, strict=True)) / n,
                     "prompt_tokens": args.prompt_tokens,
                     "new_tokens": args.new_tokens,
@@ -221,13 +246,17 @@ def run(args: argparse.Namespace) -> None:
                 }
                 if args.vllm_eager:
                     row["vllm_eager_tok_s"] = tokens / best[True]
-                    row["ratio_vs_eager"] = best[True] / best_rc
+                    row["ratio_vs_eager"] = best[True] / best_ours[True]
+                if args.raycake_eager:
+                    row["raycake_eager_tok_s"] = tokens / best_ours[False]
+                    # raycake's eager path against vLLM's (or its compiled one without those)
+                    row["eager_ratio"] = best[args.vllm_eager] / best_ours[False]
                 rows.append(row)
                 print_table(rows[-1:], columns)
         finally:
             for vllm in vllms.values():
                 vllm.close()
-        del llm
+        del llm, llms
     print()
     print_table(rows, columns)
     print(f"saved {write_table(rows, 'engine_vs_vllm')}")

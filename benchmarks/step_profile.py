@@ -2,6 +2,7 @@
 model's forward split by operator family with torch.profiler.
 
     python -m benchmarks.step_profile [--dtypes bfloat16 float32] [--concurrency 1 32]
+        [--compile-decode]
 
 Each row is one (dtype, batch) run of the benchmark workload (held-out 128-token prompts, 128
 new tokens, greedy, EOS ignored, prefix caching off): ms per step for the scheduler, input
@@ -11,6 +12,11 @@ attention (context gathers, cache writes, SDPA), norms and other small ops. The 
 engine's methods from outside (nothing in raycake changes to be measured), in one run; the
 operator split comes from a second run under the profiler. The phases add up to the step, the
 baseline they are shares of.
+
+``--compile-decode`` profiles the engine with its compiled decode graph: the forward phase is
+then the graph's call (and the K/V write after it); inside the graph attention, norms and the
+small ops are fused loops, so their time counts as "other ops", and only the linears (oneDNN
+calls out of the graph) keep a family of their own.
 """
 
 from __future__ import annotations
@@ -66,11 +72,14 @@ class PhaseTimer:
         setattr(owner, method, timed)
 
 
-def profile_run(dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> dict:
+def profile_run(
+    dtype: str, batch: int, new_tokens: int, prompt_tokens: int, compile_decode: bool = False
+) -> dict:
     config = EngineConfig(
         dtype=dtype,
         cache=CacheConfig(enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=max(batch, 1)),
+        compile_decode=compile_decode,
     )
     llm = LLM(config=config)
     engine = llm.engine
@@ -82,6 +91,9 @@ def profile_run(dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> 
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "prepare", "prepare")
     timer.wrap(engine.runner.model, "forward", "forward")
+    if compile_decode:
+        timer.wrap(engine.runner, "_prepare_compiled_decode", "prepare")
+        timer.wrap(engine.runner, "compiled_decode", "forward")
     timer.wrap(engine.runner, "_sample", "sample")
     timer.wrap(engine, "step", "step")
     start = time.perf_counter()
@@ -99,6 +111,7 @@ def profile_run(dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> 
     row = {
         "dtype": dtype,
         "concurrency": batch,
+        "compile_decode": compile_decode,
         "tok_s": batch * new_tokens / wall,
         "step_ms": 1e3 * sec["step"] / steps,
         "schedule_ms": 1e3 * sec["schedule"] / steps,
@@ -124,12 +137,15 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--compile-decode", action="store_true", help="the engine with EngineConfig.compile_decode"
+    )
     args = parser.parse_args()
     if min(args.concurrency) < 1 or args.threads < 1 or args.new_tokens < 2:
         parser.error("--concurrency and --threads: integers >= 1; --new-tokens: >= 2")
     torch.set_num_threads(args.threads)
     rows = [
-        profile_run(dtype, n, args.new_tokens, args.prompt_tokens)
+        profile_run(dtype, n, args.new_tokens, args.prompt_tokens, args.compile_decode)
         for dtype in args.dtypes
         for n in args.concurrency
     ]

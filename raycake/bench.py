@@ -60,6 +60,7 @@ class BenchConfig:
     temperature: float = 1.0  # 0: greedy
     speculative: SpeculativeConfig | None = None
     compare_plain: bool = False  # also run without speculation; report the measured speedup
+    compile_decode: bool = False  # decode steps through the compiled graph (EngineConfig's)
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len"):
@@ -89,6 +90,7 @@ class BenchConfig:
             moe=self.moe,
             quantization=self.quantization,
             speculative=self.speculative,
+            compile_decode=self.compile_decode,
         )
 
 
@@ -367,8 +369,9 @@ def _run(llm: Any, config: BenchConfig, progress: bool) -> BenchReport:
         )
         for i in range(config.num_prompts)
     ]
-    # Warm-up: one short request, so one-time costs stay out of the timings. Too short to
-    # fill a KV block, it leaves nothing in the prefix cache for the workload to reuse.
+    # Warm-up: one short request, so one-time costs (with compile_decode, compiling the decode
+    # graph) stay out of the timings. Too short to fill a KV block, it leaves nothing in the
+    # prefix cache for the workload to reuse.
     llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
     baseline = engine.moe_stats()
     spec_before = engine.spec_stats()

@@ -92,6 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
             policy=args.spec_policy,
         ),
         compare_plain=args.compare_plain,
+        compile_decode=args.compile_decode,
     )
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.is_dir():  # fail before the run, not after
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization", choices=QUANTIZATIONS, help="int8: LLM.int8() weights (default: none)"
     )
     bench.add_argument("--seed", type=int, default=0, help="prompts, sampling and engine")
+    bench.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="run decode steps through a graph compiled by torch.compile (compiles on warm-up)",
+    )
     bench.add_argument(
         "--dataset",
         default="random",

@@ -186,6 +186,7 @@ def test_cli_writes_the_json_report(mixtral, tmp_path, capsys):
         (["--temperature", "-1"], "temperature: expected a finite number >= 0"),
         (["--compare-plain"], "compare_plain: needs speculative"),
         (["--speculative", "eagle", "--max-depth", "0"], "speculative.max_depth"),
+        (["--speculative", "eagle", "--compile-decode"], "compile_decode: expected false"),
     ],
 )
 def test_cli_rejects_bad_flags_before_loading_a_model(flags, message, capsys):

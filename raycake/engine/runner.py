@@ -122,8 +122,7 @@ class ModelRunner:
     ) -> None:
         config = model.config
         self.model = model
-        # Steps of decodes only run through this compiled graph when set (see ``decode_graph``).
-        self.compiled_decode = compiled_decode
+
         self.block_size = block_size
         self.num_blocks = num_blocks
         param = next(model.parameters())
@@ -150,6 +149,10 @@ class ModelRunner:
             self.memory_pool = MemoryStatePool(
                 model.memories(), num_memory_slots, self.device, self.dtype
             )
+        # Steps of decodes only run through this compiled graph when set (see ``decode_graph``).
+        self.compiled_decode = compiled_decode
+        if compiled_decode is not None:
+            compiled_decode.warm_up(self.kv_caches)
         self.requests: dict[str, RunnerRequestState] = {}
         # Requests without a seed still draw reproducibly: from generators seeded in arrival order.
         self._seed_source = torch.Generator().manual_seed(seed)

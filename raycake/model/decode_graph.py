@@ -134,9 +134,9 @@ def write_new_kv(
 class CompiledDecode:
     """``decode_forward`` compiled once with dynamic batch and context sizes.
 
-    The first call compiles (tens of seconds on a small CPU; inductor caches the result on
-    disk for later processes). Steps with fewer than ``MIN_ROWS`` decodes or ``MIN_BLOCKS``
-    blocks are padded up to them, so one graph serves every step.
+    ``warm_up`` (or the first call) compiles: tens of seconds on a small CPU; inductor caches
+    the result on disk for later processes. Steps with fewer than ``MIN_ROWS`` decodes or
+    ``MIN_BLOCKS`` blocks are padded up to them, so one graph serves every step.
     """
 
     def __init__(self, model: LlamaForCausalLM, block_size: int) -> None:
@@ -149,6 +149,15 @@ class CompiledDecode:
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch.compile(
             decode_forward, fullgraph=True, dynamic=True
         )
+
+    @torch.inference_mode()
+    def warm_up(self, kv_caches: list[torch.Tensor]) -> None:
+        """Compile now, on padding rows only (nothing is written to the cache), so that a
+        machine that cannot compile fails at start-up rather than in a request's step."""
+        device = kv_caches[0].device
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        tables = torch.zeros(0, MIN_BLOCKS, dtype=torch.long, device=device)
+        self(none, none, none, tables, none, kv_caches)
 
     def __call__(
         self,
