@@ -146,8 +146,10 @@ class CompiledDecode:
         self.model = model
         self.block_size = block_size
         self.num_heads = model.config.num_attention_heads
+        # Only the sizes ``warm_up`` marks are dynamic (rows, blocks); weights and caches are
+        # static, so every step after it runs the one graph.
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch.compile(
-            decode_forward, fullgraph=True, dynamic=True
+            decode_forward, fullgraph=True
         )
 
     @torch.inference_mode()
@@ -155,9 +157,15 @@ class CompiledDecode:
         """Compile now, on padding rows only (nothing is written to the cache), so that a
         machine that cannot compile fails at start-up rather than in a request's step."""
         device = kv_caches[0].device
-        none = torch.zeros(0, dtype=torch.long, device=device)
-        tables = torch.zeros(0, MIN_BLOCKS, dtype=torch.long, device=device)
-        self(none, none, none, tables, none, kv_caches)
+        # Padding rows only; rows and blocks differ in number so that they get a size
+        # variable each (equal sizes would share one, and a later step would recompile).
+        ids = torch.zeros(MIN_ROWS, dtype=torch.long, device=device)
+        positions = torch.zeros(MIN_ROWS, dtype=torch.long, device=device)
+        tables = torch.zeros(MIN_ROWS, MIN_BLOCKS + 1, dtype=torch.long, device=device)
+        lens = torch.ones(MIN_ROWS, dtype=torch.long, device=device)
+        for tensor, dims in ((ids, 0), (positions, 0), (tables, (0, 1)), (lens, 0)):
+            torch._dynamo.mark_dynamic(tensor, dims)
+        self._forward(self.model, ids, positions, tables, lens, kv_caches, self.block_size)
 
     def __call__(
         self,
