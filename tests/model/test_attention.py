@@ -12,6 +12,7 @@ from raycake.model.attention import (
     decode_group_bounds,
     paged_attention,
 )
+from tests.paged_tables import shuffled_block_tables
 
 
 @pytest.mark.parametrize(
@@ -35,12 +36,7 @@ def test_grouped_decodes_equal_dense_attention_per_sequence():
     block_size, num_blocks, heads, kv_heads, head_dim = 4, 64, 4, 2, 8
     lengths = [3, 5, 6, 40]  # tokens of context, the new one included
     cache = torch.randn(2, num_blocks * block_size, kv_heads, head_dim)
-    perm = torch.randperm(num_blocks).tolist()
-    tables, start = [], 0
-    for n in lengths:
-        need = -(-n // block_size)
-        tables.append(perm[start : start + need])
-        start += need
+    tables = shuffled_block_tables(lengths, block_size, num_blocks)
     counts = [len(t) for t in tables]
     groups = []
     for lo, hi in decode_group_bounds(counts):

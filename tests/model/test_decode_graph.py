@@ -18,17 +18,7 @@ from raycake.model.decode_graph import (
     unsupported_reason,
 )
 from raycake.model.loader import load_model
-
-
-def _paged_context(lengths: list[int], block_size: int, num_blocks: int) -> list[list[int]]:
-    """Each sequence's block table: distinct blocks in a shuffled order."""
-    perm = torch.randperm(num_blocks).tolist()
-    tables, start = [], 0
-    for n in lengths:
-        need = -(-n // block_size)
-        tables.append(perm[start : start + need])
-        start += need
-    return tables
+from tests.paged_tables import shuffled_block_tables
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,7 +29,7 @@ def test_decode_attention_equals_dense_attention_per_sequence(dtype):
     block_size, num_blocks, heads, kv_heads, head_dim = 4, 48, 4, 2, 8
     lengths = [1, 3, 6, 21]  # tokens of context, the new one included
     cache = torch.randn(2, num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
-    tables = _paged_context(lengths, block_size, num_blocks)
+    tables = shuffled_block_tables(lengths, block_size, num_blocks)
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
@@ -150,7 +140,7 @@ def test_compiled_forward_matches_the_eager_forward(engines):
         torch.randn(2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
         for _ in range(config.num_hidden_layers)
     ]
-    tables = _paged_context(lengths, block_size, num_blocks)
+    tables = shuffled_block_tables(lengths, block_size, num_blocks)
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     positions = torch.tensor([n - 1 for n in lengths])
