@@ -139,9 +139,10 @@ def write_new_kv(
 class CompiledDecode:
     """``decode_forward`` compiled once with dynamic batch and context sizes.
 
-    ``warm_up`` (or the first call) compiles: tens of seconds on a small CPU; inductor caches
-    the result on disk for later processes. Steps with fewer than ``MIN_ROWS`` decodes or
-    ``MIN_BLOCKS`` blocks are padded up to them, so one graph serves every step.
+    ``warm_up`` compiles it (the runner calls it when it is built): tens of seconds on a small
+    CPU; inductor caches the result on disk for later processes. Steps with fewer than
+    ``MIN_ROWS`` decodes or ``MIN_BLOCKS`` blocks are padded up to them, so one graph serves
+    every step.
     """
 
     def __init__(self, model: LlamaForCausalLM, block_size: int) -> None:
