@@ -18,13 +18,18 @@ cache made inductor copy the whole cache every step.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from raycake.kernels import cpu_attention
 from raycake.model.cpu_prepack import PrepackedLinear
 from raycake.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+
+logger = logging.getLogger(__name__)
 
 # The compiled graph sees at least this many decodes and context blocks: dynamic shapes
 # specialise sizes 0 and 1, so smaller steps are padded up instead of compiling more graphs.
@@ -91,6 +96,25 @@ def decode_attention(
     return out.to(kv_cache.dtype).view(rows, num_heads, head_dim)
 
 
+def pick_attention(
+    model: LlamaForCausalLM, cache_dtype: torch.dtype
+) -> Callable[..., torch.Tensor]:
+    """The CPU kernel (``kernels.cpu_attention``) where it serves this model, built now; else
+    ``decode_attention``, which inductor compiles (into Triton on CUDA)."""
+    device = model.model.embed_tokens.weight.device
+    head_dim = model.model.layers[0].self_attn.head_dim
+    reason = cpu_attention.unsupported_reason(head_dim, cache_dtype, device)
+    if reason is None:
+        try:
+            cpu_attention.load()
+            return cpu_attention.paged_decode_attention
+        except (RuntimeError, OSError) as exc:  # no compiler, or it failed: stay correct
+            reason = f"it did not build: {exc}"
+    if device.type == "cpu":
+        logger.warning("compile_decode: CPU attention kernel not used (%s)", reason)
+    return decode_attention
+
+
 def decode_forward(
     model: LlamaForCausalLM,
     input_ids: torch.Tensor,
@@ -99,9 +123,11 @@ def decode_forward(
     context_lens: torch.Tensor,
     kv_caches: list[torch.Tensor],
     block_size: int,
+    attention: Callable[..., torch.Tensor] = decode_attention,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode token per row through every layer: (final hidden [B, E], new rows
-    [L, B, H + 2K, Dh] in fp32: each layer's rotated q, then k and v, which go into the cache)."""
+    [L, B, H + 2K, Dh] in fp32: each layer's rotated q, then k and v, which go into the cache).
+    ``attention`` has ``decode_attention``'s signature (or is the CPU kernel of that contract)."""
     inner = model.model
     x = inner.embed_tokens(input_ids)  # [B, E]
     cos, sin = inner.rotary_emb(positions, x.dtype)
@@ -116,9 +142,7 @@ def decode_forward(
         rows = torch.cat([q, k, v], dim=1).float()  # [B, H + 2K, Dh]
         new_rows.append(rows)
         q, k, v = rows.split([attn.num_heads, attn.num_kv_heads, attn.num_kv_heads], dim=1)
-        out = decode_attention(
-            q, k, v, kv_cache, block_tables, context_lens, block_size, attn.scale
-        )
+        out = attention(q, k, v, kv_cache, block_tables, context_lens, block_size, attn.scale)
         x = x + attn.o_proj(out.reshape(x.shape[0], attn.q_size))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return inner.norm(x), torch.stack(new_rows)
@@ -139,7 +163,8 @@ def write_new_kv(
 class CompiledDecode:
     """``decode_forward`` compiled once with dynamic batch and context sizes.
 
-    ``warm_up`` compiles it (the runner calls it when it is built): tens of seconds on a small
+    ``warm_up`` picks the attention (the CPU kernel where it serves) and compiles it (the
+    runner calls it when it is built): tens of seconds on a small
     CPU; inductor caches the result on disk for later processes. Steps with fewer than
     ``MIN_ROWS`` decodes or ``MIN_BLOCKS`` blocks are padded up to them, so one graph serves
     every step.
@@ -152,16 +177,20 @@ class CompiledDecode:
         self.model = model
         self.block_size = block_size
         self.num_heads = model.config.num_attention_heads
-        # Only the sizes ``warm_up`` marks are dynamic (rows, blocks); weights and caches are
-        # static, so every step after it runs the one graph.
-        self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch.compile(
-            decode_forward, fullgraph=True
-        )
+        self.attention: Callable[..., torch.Tensor] | None = None
+        self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @torch.inference_mode()
     def warm_up(self, kv_caches: list[torch.Tensor]) -> None:
-        """Compile now, on padding rows only (nothing is written to the cache), so that a
-        machine that cannot compile fails at start-up rather than in a request's step."""
+        """Pick the attention for these caches and compile now, on padding rows only (nothing
+        is written to the cache), so that a machine that cannot compile fails at start-up
+        rather than in a request's step."""
+        self.attention = pick_attention(self.model, kv_caches[0].dtype)
+        # Only the sizes marked below are dynamic (rows, blocks); weights and caches are
+        # static, so every step after this one runs the one graph.
+        self._forward = torch.compile(
+            functools.partial(decode_forward, attention=self.attention), fullgraph=True
+        )
         device = kv_caches[0].device
         # Padding rows only; rows and blocks differ in number so that they get a size
         # variable each (equal sizes would share one, and a later step would recompile).
@@ -183,6 +212,8 @@ class CompiledDecode:
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         """Run the step and write its K/V: final hidden states [B, E] of the B real rows."""
+        if self._forward is None:
+            raise RuntimeError("CompiledDecode: call warm_up(kv_caches) before the first step")
         rows = input_ids.shape[0]
         input_ids, positions, block_tables, context_lens = pad_decode_inputs(
             input_ids, positions, block_tables, context_lens
