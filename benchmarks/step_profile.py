@@ -14,9 +14,9 @@ operator split comes from a second run under the profiler. The phases add up to 
 baseline they are shares of.
 
 ``--compile-decode`` profiles the engine with its compiled decode graph: the forward phase is
-then the graph's call (and the K/V write after it); inside the graph attention, norms and the
-small ops are fused loops, so their time counts as "other ops", and only the linears (oneDNN
-calls out of the graph) keep a family of their own.
+then the graph's call (and the K/V write after it); inside the graph norms and the small ops
+are fused loops, so their time counts as "other ops"; the linears (oneDNN calls) and, on CPU,
+attention (the C++ kernel) are calls out of the graph and keep their families.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ FAMILIES = {
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::index_select",
         "aten::_index_put_impl_",
+        "raycake_cpu::paged_decode_attention",
     ),
     "norm": ("aten::_fused_rms_norm", "aten::pow", "aten::mean", "aten::rsqrt", "aten::div_"),
 }

@@ -108,3 +108,14 @@ def test_unsupported_reason():
     assert "head_dim 80" in cpu_attention.unsupported_reason(80, torch.float32, cpu)
     assert "float64" in cpu_attention.unsupported_reason(64, torch.float64, cpu)
     assert "cuda" in cpu_attention.unsupported_reason(64, torch.float32, torch.device("cuda"))
+
+
+def test_rows_sliced_from_one_tensor_read_as_their_copies():
+    """The compiled graph passes q, k and v as slices of one [B, H + 2K, D] tensor."""
+    q, k, v, cache, tables, lens = make_inputs([7, 30, 50], 4, 2, 64, torch.bfloat16)
+    rows = torch.cat([q, k, v], dim=1)
+    sliced = rows[:, :4], rows[:, 4:6], rows[:, 6:]
+    assert not sliced[0].is_contiguous()
+    got = cpu_attention.paged_decode_attention(*sliced, cache, tables, lens, BLOCK, 0.125)
+    want = cpu_attention.paged_decode_attention(q, k, v, cache, tables, lens, BLOCK, 0.125)
+    assert torch.equal(got, want)

@@ -132,6 +132,8 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
+  // Rows may be strided (q, k and v are slices of one [B, H + 2K, D] tensor); heads are not.
+  const int64_t q_stride = q.stride(0), k_stride = k.stride(0), v_stride = v.stride(0);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -140,7 +142,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     for (int64_t b = begin; b < end; ++b) {
       TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_len, "context_lens: expected 1 to ", max_len,
                   " (the block table's positions + 1), got ", lens[b]);
-      attend_one<scalar_t, D>(qp + b * heads * D, kp + b * kv_heads * D, vp + b * kv_heads * D,
+      attend_one<scalar_t, D>(qp + b * q_stride, kp + b * k_stride, vp + b * v_stride,
                               keys, values, tables + b * max_blocks, lens[b], heads, kv_heads,
                               block_size, num_blocks, static_cast<float>(scale), scores.data(),
                               op + b * heads * D);
@@ -189,7 +191,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
               "block_tables, context_lens: expected one row per query");
   TORCH_CHECK(block_size > 0 && kv_cache.size(1) % block_size == 0,
               "block_size: expected a divisor of the cache's slots");
-  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  // Each row's heads must be packed; the rows themselves may be strided.
+  auto rows_packed = [](const at::Tensor& t) {
+    return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous();
+  };
+  auto qc = rows_packed(q), kc = rows_packed(k), vc = rows_packed(v);
   auto tables = block_tables.contiguous(), lens = context_lens.contiguous();
   auto out = at::empty({rows, heads, head_dim}, kv_cache.options());
   switch (kv_cache.scalar_type()) {
