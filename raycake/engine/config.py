@@ -86,6 +86,10 @@ class EngineConfig:
     # attention reading the paged cache in place). The first decode step compiles (tens of
     # seconds on a small CPU); dense Llama models only, without speculative decoding.
     compile_decode: bool = False
+    # On CPU: keep freed memory in glibc's heap (``mallopt``; see ``engine/cpu_malloc.py``), so
+    # each step's large temporaries do not fault in fresh pages. Process-wide; it keeps the
+    # process's peak heap. Ignored on other devices and C libraries.
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         require(
@@ -114,6 +118,12 @@ class EngineConfig:
             "prepack_weights",
             "true or false",
             self.prepack_weights,
+        )
+        require(
+            isinstance(self.keep_freed_memory, bool),
+            "keep_freed_memory",
+            "true or false",
+            self.keep_freed_memory,
         )
         require(
             isinstance(self.compile_decode, bool),

@@ -20,6 +20,7 @@ import torch
 
 from raycake.assets import resolve_draft_model
 from raycake.engine.config import EngineConfig
+from raycake.engine.cpu_malloc import keep_freed_memory
 from raycake.engine.engine_stats import StepRecord
 from raycake.engine.handoff import ExportedKV, check_memory_state, check_prefilled_kv
 from raycake.engine.kv_cache import block_hashes_for, check_block_hashes
@@ -73,6 +74,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.keep_freed_memory and torch.device(config.device).type == "cpu":
+            keep_freed_memory()
         model_dir = resolve_model_path(config.model)
         self.model_dir = model_dir
         self.tokenizer = Tokenizer.from_dir(model_dir)
