@@ -7,7 +7,7 @@ against the eager path's gather + SDPA, on the same inputs in one run.
 Each row: B decodes of the embedded model's attention shape (4 query heads, 2 kv heads, head
 dim 64), every context ``--contexts`` tokens long, its blocks scattered over a cache with room
 for 4x the batch's blocks. Three ways to compute the same [B, H, Dh] output:
-- ``kernel``: ``raycake_cpu::paged_decode_attention`` (``raycake.kernels.cpu_attention``);
+- ``kernel``: ``raycake_cpu::paged_decode_attention`` (``raycake.kernels.cpu_kernels``);
 - ``inductor``: ``decode_graph.decode_attention`` compiled by ``torch.compile`` with dynamic
   batch and block counts, as the compiled decode ran it before the kernel;
 - ``gather_sdpa``: each context's blocks gathered out of the cache, then SDPA (the eager path).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import print_table, write_table
-from raycake.kernels import cpu_attention
+from raycake.kernels import cpu_kernels
 from raycake.model.decode_graph import decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 16
@@ -77,7 +77,7 @@ def run(dtype: torch.dtype, batch: int, context: int, repeats: int) -> dict:
     want = gather_sdpa(*args).float()
     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": context}
     for name, fn in (
-        ("kernel", cpu_attention.paged_decode_attention),
+        ("kernel", cpu_kernels.paged_decode_attention),
         ("inductor", compiled),
         ("gather_sdpa", gather_sdpa),
     ):
@@ -103,10 +103,10 @@ def main() -> None:
     if min(args.batches) < 1 or min(args.contexts) < 2 or args.repeats < 1 or args.threads < 1:
         parser.error("--batches, --repeats, --threads: >= 1; --contexts: >= 2")
     for name in args.dtypes:
-        if getattr(torch, name, None) not in cpu_attention.CACHE_DTYPES:
+        if getattr(torch, name, None) not in cpu_kernels.CACHE_DTYPES:
             parser.error(f"--dtypes: expected float32, bfloat16 or float16, got {name}")
     torch.set_num_threads(args.threads)
-    cpu_attention.load()
+    cpu_kernels.load()
     rows = [
         run(getattr(torch, name), batch, context, args.repeats)
         for name in args.dtypes

@@ -80,7 +80,8 @@ class EngineConfig:
     # None: plain decoding.
     speculative: SpeculativeConfig | None = None
     # On CPU: hold fp32/bf16 linear weights prepacked for oneDNN (faster matmuls at serving
-    # batch sizes, for one more copy of those weights in memory). Ignored on other devices.
+    # batch sizes, for one more copy of those weights in memory), and send calls of 1-4 rows
+    # to small layers to raycake's own kernel (``model/cpu_prepack.py``). Ignored elsewhere.
     prepack_weights: bool = True
     # Run steps of decodes through a graph compiled by ``torch.compile`` (small ops fused,
     # attention reading the paged cache in place). The first decode step compiles (tens of

@@ -88,7 +88,7 @@ class LLMEngine:
             int8_threshold=config.int8_threshold,
         )
         if config.prepack_weights:
-            prepack_linears(self.model)
+            prepack_linears(self.model, small_batch=True)
         model_config = self.model.config
         self.model_config = model_config
         self.max_model_len = min(

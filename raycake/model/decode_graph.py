@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from raycake.kernels import cpu_attention
+from raycake.kernels import cpu_kernels
 from raycake.model.cpu_prepack import PrepackedLinear
 from raycake.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
@@ -99,17 +99,15 @@ def decode_attention(
 def pick_attention(
     model: LlamaForCausalLM, cache_dtype: torch.dtype
 ) -> Callable[..., torch.Tensor]:
-    """The CPU kernel (``kernels.cpu_attention``) where it serves this model, built now; else
+    """The CPU kernel (``kernels.cpu_kernels``) where it serves this model, built now; else
     ``decode_attention``, which inductor compiles (into Triton on CUDA)."""
     device = model.model.embed_tokens.weight.device
     head_dim = model.model.layers[0].self_attn.head_dim
-    reason = cpu_attention.unsupported_reason(head_dim, cache_dtype, device)
+    reason = cpu_kernels.attention_unsupported_reason(head_dim, cache_dtype, device)
     if reason is None:
-        try:
-            cpu_attention.load()
-            return cpu_attention.paged_decode_attention
-        except (RuntimeError, OSError) as exc:  # no compiler, or it failed: stay correct
-            reason = f"it did not build: {exc}"
+        reason = cpu_kernels.try_load()
+        if reason is None:
+            return cpu_kernels.paged_decode_attention
     if device.type == "cpu":
         logger.warning("compile_decode: CPU attention kernel not used (%s)", reason)
     return decode_attention

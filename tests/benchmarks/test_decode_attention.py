@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from benchmarks.decode_attention import run
-from raycake.kernels import cpu_attention
+from raycake.kernels import cpu_kernels
 
 
 def test_three_ways_agree_and_are_timed():
-    cpu_attention.load()
+    cpu_kernels.load()
     row = run(torch.float32, batch=3, context=40, repeats=3)
     for name in ("kernel", "inductor", "gather_sdpa"):
         assert row[f"{name}_max_err"] < 1e-5

@@ -10,6 +10,7 @@ from torch import nn
 from raycake import LLM, SamplingParams
 from raycake.assets import default_model_dir
 from raycake.engine.config import EngineConfig
+from raycake.kernels import cpu_kernels
 from raycake.model.cpu_prepack import PrepackedLinear, can_prepack, prepack_linears
 from raycake.model.int8_linear import Int8Linear
 from raycake.model.loader import load_model
@@ -20,12 +21,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (2, 3, 48), (0, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (2, 3, 48), (2, 2, 48), (0, 48)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_prepacked_linear_matches_nn_linear(dtype, shape, bias):
+@pytest.mark.parametrize("small_batch", [False, True])
+def test_prepacked_linear_matches_nn_linear(dtype, shape, bias, small_batch):
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, bias=bias).to(dtype)
-    packed = PrepackedLinear(linear)
+    if small_batch:
+        cpu_kernels.load()
+    packed = PrepackedLinear(linear, small_batch=small_batch)
     x = torch.randn(shape, dtype=dtype)
     with torch.inference_mode():
         got, want = packed(x), F.linear(x, linear.weight, linear.bias)
@@ -35,6 +39,23 @@ def test_prepacked_linear_matches_nn_linear(dtype, shape, bias):
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
     else:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_few_rows_of_small_layers_go_to_the_small_batch_kernel(monkeypatch):
+    cpu_kernels.load()
+    calls = []
+    kernel = cpu_kernels.small_batch_linear
+    monkeypatch.setattr(
+        cpu_kernels, "small_batch_linear", lambda *a: calls.append(a[0].shape) or kernel(*a)
+    )
+    small = PrepackedLinear(nn.Linear(256, 512), small_batch=True)
+    big = PrepackedLinear(nn.Linear(256, 1408), small_batch=True)  # 360K weights: oneDNN
+    assert small.small_batch and not big.small_batch
+    with torch.inference_mode():
+        for rows in (1, 4, 5, 32):
+            small(torch.randn(rows, 256))
+            big(torch.randn(rows, 256))
+    assert calls == [(1, 256), (4, 256)]
 
 
 def test_prepacked_linear_trains_through_the_plain_weight():

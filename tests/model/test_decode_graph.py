@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from raycake import LLM, SamplingParams
 from raycake.assets import default_model_dir, default_moe_model_dir, default_titans_model_dir
 from raycake.engine.config import EngineConfig, SpeculativeConfig
-from raycake.kernels import cpu_attention
+from raycake.kernels import cpu_kernels
 from raycake.model.attention import AttentionMetadata, DecodeGroup
 from raycake.model.decode_graph import (
     CompiledDecode,
@@ -133,7 +133,7 @@ def test_compiled_forward_matches_the_eager_forward(engines):
     """Final hidden states of one decode step, compiled against the eager model, fp32."""
     compiled, _, _, graph = engines
     # On CPU the graph's attention is the C++ kernel (built on first use), not inductor's loops.
-    assert graph.attention is cpu_attention.paged_decode_attention
+    assert graph.attention is cpu_kernels.paged_decode_attention
     model = compiled.engine.model
     torch.manual_seed(1)
     block_size, lengths = 16, [9, 17, 33]

@@ -1,7 +1,7 @@
 // Decode attention over a paged KV cache, for CPUs: one query token per sequence, reading each
 // context block where it lies in the cache (no gathered copy), in fp32 with ATen's SIMD types.
 //
-// Registered as raycake_cpu::paged_decode_attention; raycake/kernels/cpu_attention.py builds
+// Registered as raycake_cpu::paged_decode_attention; raycake/kernels/cpu_kernels.py builds
 // this file with torch.utils.cpp_extension for the machine's SIMD level and documents the op.
 // Legend: B sequences, H query heads, K kv heads, G = H / K, D head dim, P tokens per block.
 

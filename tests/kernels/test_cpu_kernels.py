@@ -1,12 +1,12 @@
-"""The CPU decode-attention kernel against attention computed in float64 over each sequence's
-gathered context, and its refusals."""
+"""raycake's CPU kernels against float64 references (decode attention over each sequence's
+gathered context; the few-row linear), and their refusals."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raycake.kernels import cpu_attention
+from raycake.kernels import cpu_kernels
 from raycake.model.decode_graph import decode_attention
 
 BLOCK = 16
@@ -15,7 +15,7 @@ NUM_BLOCKS = 80
 
 @pytest.fixture(scope="module", autouse=True)
 def built_kernel():
-    cpu_attention.load()
+    cpu_kernels.load()
 
 
 def make_inputs(lens, heads, kv_heads, head_dim, dtype, seed=0):
@@ -58,7 +58,7 @@ def test_matches_float64_attention_over_the_gathered_context(dtype, tol, heads, 
     lens = [1, 2, BLOCK, BLOCK + 1, 2 * BLOCK + 1, 37, 100]
     q, k, v, cache, tables, lens_t = make_inputs(lens, heads, kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
-    out = cpu_attention.paged_decode_attention(q, k, v, cache, tables, lens_t, BLOCK, scale)
+    out = cpu_kernels.paged_decode_attention(q, k, v, cache, tables, lens_t, BLOCK, scale)
     assert out.dtype == dtype and out.shape == (len(lens), heads, head_dim)
     expected = reference(q, k, v, cache, tables, lens_t, scale)
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
@@ -74,7 +74,7 @@ def test_matches_float64_attention_over_the_gathered_context(dtype, tol, heads, 
 def test_padding_columns_and_foreign_blocks_are_never_read():
     lens = [5, 20]
     q, k, v, cache, tables, lens_t = make_inputs(lens, 4, 2, 64, torch.float32)
-    out = cpu_attention.paged_decode_attention(q, k, v, cache, tables, lens_t, BLOCK, 0.125)
+    out = cpu_kernels.paged_decode_attention(q, k, v, cache, tables, lens_t, BLOCK, 0.125)
     # Poison every slot that is not some sequence's context: the result must not move.
     used = torch.zeros(NUM_BLOCKS * BLOCK, dtype=torch.bool)
     for b, n in enumerate(lens):
@@ -82,13 +82,13 @@ def test_padding_columns_and_foreign_blocks_are_never_read():
             used[int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK] = True
     poisoned = cache.clone()
     poisoned[:, ~used] = float("nan")
-    again = cpu_attention.paged_decode_attention(q, k, v, poisoned, tables, lens_t, BLOCK, 0.125)
+    again = cpu_kernels.paged_decode_attention(q, k, v, poisoned, tables, lens_t, BLOCK, 0.125)
     assert torch.equal(out, again)
 
 
 def test_bad_inputs_fail_with_the_field_named():
     q, k, v, cache, tables, lens = make_inputs([3, 9], 4, 2, 64, torch.float32)
-    op = cpu_attention.paged_decode_attention
+    op = cpu_kernels.paged_decode_attention
     with pytest.raises(RuntimeError, match="block_tables: block id 999 outside"):
         op(q, k, v, cache, torch.full_like(tables, 999), lens, BLOCK, 0.125)
     with pytest.raises(RuntimeError, match="context_lens: expected 1 to"):
@@ -102,12 +102,14 @@ def test_bad_inputs_fail_with_the_field_named():
         op(q80, k80, v80, cache80, tables80, lens80, BLOCK, 0.125)
 
 
-def test_unsupported_reason():
+def test_attention_unsupported_reason():
     cpu = torch.device("cpu")
-    assert cpu_attention.unsupported_reason(64, torch.bfloat16, cpu) is None
-    assert "head_dim 80" in cpu_attention.unsupported_reason(80, torch.float32, cpu)
-    assert "float64" in cpu_attention.unsupported_reason(64, torch.float64, cpu)
-    assert "cuda" in cpu_attention.unsupported_reason(64, torch.float32, torch.device("cuda"))
+    assert cpu_kernels.attention_unsupported_reason(64, torch.bfloat16, cpu) is None
+    assert "head_dim 80" in cpu_kernels.attention_unsupported_reason(80, torch.float32, cpu)
+    assert "float64" in cpu_kernels.attention_unsupported_reason(64, torch.float64, cpu)
+    assert "cuda" in cpu_kernels.attention_unsupported_reason(
+        64, torch.float32, torch.device("cuda")
+    )
 
 
 def test_rows_sliced_from_one_tensor_read_as_their_copies():
@@ -116,6 +118,35 @@ def test_rows_sliced_from_one_tensor_read_as_their_copies():
     rows = torch.cat([q, k, v], dim=1)
     sliced = rows[:, :4], rows[:, 4:6], rows[:, 6:]
     assert not sliced[0].is_contiguous()
-    got = cpu_attention.paged_decode_attention(*sliced, cache, tables, lens, BLOCK, 0.125)
-    want = cpu_attention.paged_decode_attention(q, k, v, cache, tables, lens, BLOCK, 0.125)
+    got = cpu_kernels.paged_decode_attention(*sliced, cache, tables, lens, BLOCK, 0.125)
+    want = cpu_kernels.paged_decode_attention(q, k, v, cache, tables, lens, BLOCK, 0.125)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_batch_linear_matches_float64(dtype, rows, bias):
+    # 50 inputs: a tail after the vector chunks; 83 outputs: a tail after the blocks of 4.
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 50, generator=gen).to(dtype)
+    weight = torch.randn(83, 50, generator=gen).to(dtype)
+    b = torch.randn(83, generator=gen).to(dtype) if bias else None
+    got = cpu_kernels.small_batch_linear(x, weight, b)
+    want = x.double() @ weight.double().T + (0 if b is None else b.double())
+    assert got.shape == (rows, 83) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_small_batch_linear_takes_leading_dims_and_refuses_more_rows():
+    x, weight = torch.randn(2, 2, 64), torch.randn(32, 64)
+    torch.testing.assert_close(
+        cpu_kernels.small_batch_linear(x, weight, None), x @ weight.T, rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(RuntimeError, match="x: expected at most 4 rows, got 5"):
+        cpu_kernels.small_batch_linear(torch.randn(5, 64), weight, None)
+    with pytest.raises(RuntimeError, match="expected both float32 or both bfloat16"):
+        cpu_kernels.small_batch_linear(torch.randn(1, 64), weight.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="bias: expected"):
+        cpu_kernels.small_batch_linear(torch.randn(1, 64), weight, torch.randn(7))
