@@ -19,6 +19,7 @@ from raycake.engine.memory_state import MemoryStateInputs, MemoryStatePool, Span
 from raycake.engine.sampler import SampleError, sample_rows
 from raycake.engine.sampling_params import SamplingParams
 from raycake.engine.step_contract import RunnerOutput, SchedulerOutput
+from raycake.kernels import cpu_kernels
 from raycake.model.attention import (
     AttentionMetadata,
     DecodeGroup,
@@ -149,6 +150,14 @@ class ModelRunner:
             self.memory_pool = MemoryStatePool(
                 model.memories(), num_memory_slots, self.device, self.dtype
             )
+        # Eager decode groups attend in raycake's CPU kernel where it serves (not with a
+        # sliding window or Titans' persistent tokens): 4-9x faster than gather + SDPA.
+        self.decode_kernel = (
+            config.titans is None
+            and cpu_kernels.attention_unsupported_reason(config.head_dim, self.dtype, self.device)
+            is None
+            and cpu_kernels.try_load() is None
+        )
         # Steps of decodes only run through this compiled graph when set (see ``decode_graph``).
         self.compiled_decode = compiled_decode
         if compiled_decode is not None:
@@ -364,6 +373,8 @@ class ModelRunner:
             key_pos = starts[:, None] + context[None, :]  # [d, M * P]
             blocked = (key_pos >= ends[:, None]) | (key_pos < ends[:, None] - self.sliding_window)
         mask = _additive_mask(blocked, self.dtype)[:, None, None, :]  # [d, 1, 1, M * P]
+        if self.decode_kernel:
+            return DecodeGroup(start, end, tables, mask, ends)
         return DecodeGroup(start, end, tables, mask)
 
     def _first_block(self, first_query: int) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from raycake.kernels import cpu_kernels
+
 
 @dataclass
 class DecodeGroup:
@@ -29,6 +31,9 @@ class DecodeGroup:
     end: int
     block_tables: torch.Tensor  # [d, M] each decode's blocks, padded with block 0
     mask: torch.Tensor  # [d, 1, 1, M * P] additive: 0 in context, -inf for padding
+    # [d] each decode's context length, its own token included: set when raycake's CPU
+    # attention kernel serves the group (it reads only those positions; ``mask`` is unused).
+    context_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -175,6 +180,21 @@ def paged_attention(
     out = torch.empty_like(q)
 
     for group in meta.decode_groups:
+        if group.context_lens is not None and sinks is None:
+            # The kernel reads the context where it lies; this step's K/V, just written to
+            # the cache, also come as its own rows (in fp32, as the kernel computes).
+            rows = slice(group.start, group.end)
+            out[rows] = cpu_kernels.paged_decode_attention(
+                q[rows].float(),
+                k[rows].float(),
+                v[rows].float(),
+                kv_cache,
+                group.block_tables,
+                group.context_lens,
+                meta.block_size,
+                scale,
+            )
+            continue
         num_decodes = group.end - group.start
         context = group.block_tables.shape[1] * meta.block_size
         # The G query heads that share a kv head become G "query positions" of that head, so

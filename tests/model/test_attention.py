@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raycake.kernels import cpu_kernels
 from raycake.model.attention import (
     AttentionMetadata,
     DecodeGroup,
@@ -29,11 +30,15 @@ def test_decode_groups_share_a_power_of_two_bucket(counts, bounds):
     assert decode_group_bounds(counts) == bounds
 
 
-def test_grouped_decodes_equal_dense_attention_per_sequence():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_grouped_decodes_equal_dense_attention_per_sequence(kernel):
     """A batch of decodes with one long context: each sequence's output is its own dense
-    attention over exactly its context, whatever the group it landed in."""
+    attention over exactly its context, whatever the group it landed in; in gather + SDPA, or
+    in raycake's CPU kernel when the group carries its context lengths."""
     torch.manual_seed(0)
-    block_size, num_blocks, heads, kv_heads, head_dim = 4, 64, 4, 2, 8
+    block_size, num_blocks, heads, kv_heads, head_dim = 4, 64, 4, 2, 64
+    if kernel:
+        cpu_kernels.load()
     lengths = [3, 5, 6, 40]  # tokens of context, the new one included
     cache = torch.randn(2, num_blocks * block_size, kv_heads, head_dim)
     tables = shuffled_block_tables(lengths, block_size, num_blocks)
@@ -44,7 +49,8 @@ def test_grouped_decodes_equal_dense_attention_per_sequence():
         rows = torch.tensor([t + [0] * (width - len(t)) for t in tables[lo:hi]])
         blocked = torch.arange(width * block_size)[None, :] >= torch.tensor(lengths[lo:hi])[:, None]
         mask = torch.zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None, None, :]
-        groups.append(DecodeGroup(lo, hi, rows, mask))
+        lens = torch.tensor(lengths[lo:hi]) if kernel else None
+        groups.append(DecodeGroup(lo, hi, rows, mask, lens))
     assert [(g.start, g.end) for g in groups] == [(0, 1), (1, 3), (3, 4)]  # 1; 2, 2; 10 blocks
     slots = [
         t[(n - 1) // block_size] * block_size + (n - 1) % block_size
