@@ -36,7 +36,13 @@ from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
 # Operator families by the profiler's operator names (self time, so nothing counts twice).
 FAMILIES = {
-    "matmul": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm"),
+    "matmul": (
+        "mkldnn::_linear_pointwise",
+        "raycake_cpu::small_batch_linear",
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+    ),
     "attention": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::index_select",
