@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +16,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_label() -> str:
+    """The machine column of every result table: architecture and CPU count."""
+    return f"{platform.machine()} {os.cpu_count()} cpus"
 
 
 def held_out_prompts(tokenizer, num_prompts: int, prompt_tokens: int) -> list[list[int]]:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_table, write_table
+from benchmarks.common import machine_label, print_table, write_table
 from raycake.kernels import cpu_kernels
 from raycake.model.decode_graph import decode_attention
 
@@ -88,7 +87,7 @@ def run(dtype: torch.dtype, batch: int, context: int, repeats: int) -> dict:
     row["inductor_over_kernel"] = row["inductor_us"] / row["kernel_us"]
     row["gather_sdpa_over_kernel"] = row["gather_sdpa_us"] / row["kernel_us"]
     row["threads"] = torch.get_num_threads()
-    row["machine"] = f"{platform.machine()} {os.cpu_count()} cpus"
+    row["machine"] = machine_label()
     return row
 
 

@@ -11,13 +11,17 @@ warm-up run, outside the timings).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from functools import partial
 
 import torch
 
-from benchmarks.common import held_out_prompts, median_seconds, print_table, write_table
+from benchmarks.common import (
+    held_out_prompts,
+    machine_label,
+    median_seconds,
+    print_table,
+    write_table,
+)
 from raycake import LLM, SamplingParams
 from raycake.assets import default_model_dir
 
@@ -94,7 +98,7 @@ def main() -> None:
                     "ratio": t_hf / t_rc,
                     "compile_decode": args.compile_decode,
                     "torch_threads": torch.get_num_threads(),
-                    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+                    "machine": machine_label(),
                 }
             )
     print_table(rows, ["dtype", "concurrency", "raycake_tok_s", "transformers_tok_s", "ratio"])

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -178,7 +177,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from benchmarks.common import held_out_prompts, print_table, write_table
+    from benchmarks.common import held_out_prompts, machine_label, print_table, write_table
     from raycake import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -242,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
                     "prompt_tokens": args.prompt_tokens,
                     "new_tokens": args.new_tokens,
                     "threads": args.threads,
-                    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+                    "machine": machine_label(),
                 }
                 if args.vllm_eager:
                     row["vllm_eager_tok_s"] = tokens / best[True]

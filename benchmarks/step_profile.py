@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import held_out_prompts, print_table, write_table
+from benchmarks.common import held_out_prompts, machine_label, print_table, write_table
 from raycake import LLM, SamplingParams
 from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
@@ -133,7 +132,7 @@ def profile_run(
     for name in (*FAMILIES, "other_ops"):
         row[f"{name}_share"] = ops[name] / op_total if op_total else 0.0
     row["threads"] = torch.get_num_threads()
-    row["machine"] = f"{platform.machine()} {os.cpu_count()} cpus"
+    row["machine"] = machine_label()
     return row
 
 

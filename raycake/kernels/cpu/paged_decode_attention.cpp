@@ -45,6 +45,30 @@ inline void prefetch_block(const scalar_t* rows, int64_t row_len, int64_t block_
   }
 }
 
+// Calls fn(row, pos) for the cached positions [0, cached) of kv head ``kvh`` of one sequence,
+// block by block; ``row`` holds that position's D values in fp32. ``base`` is the cache's K
+// (or V) half, ``table`` the sequence's block ids.
+template <typename scalar_t, int64_t D, typename Fn>
+inline void for_each_cached_row(const scalar_t* base, const int64_t* table, int64_t cached,
+                                int64_t kvh, int64_t row_len, int64_t block_size, Fn&& fn) {
+  constexpr int64_t kVecs = D / Vec::size();
+  auto block_rows = [&](int64_t block) {
+    return base + table[block] * block_size * row_len + kvh * D;
+  };
+  Vec row[kVecs];
+  for (int64_t start = 0; start < cached; start += block_size) {
+    const scalar_t* rows = block_rows(start / block_size);
+    if (start + block_size < cached)
+      prefetch_block<scalar_t, D>(block_rows(start / block_size + 1), row_len, block_size);
+    const int64_t count = std::min(block_size, cached - start);
+    for (int64_t p = 0; p < count; ++p) {
+      for (int64_t i = 0; i < kVecs; ++i)
+        row[i] = load_float(rows + p * row_len + i * Vec::size());
+      fn(row, start + p);
+    }
+  }
+}
+
 // One sequence: every head's scores against every cached position, block by block, then a
 // softmax per head, then the probability-weighted sum of V, block by block. Each cached row
 // (one position of one kv head) is loaded and converted once per pass and used by the G query
@@ -77,21 +101,10 @@ void attend_one(const float* q, const float* k_new, const float* v_new, const sc
         scores[(first + g) * n + pos] = at::vec::vec_reduce_all<float>(sum, acc) * scale;
       }
     };
-    Vec row[kVecs];
-    for (int64_t start = 0; start < cached; start += block_size) {
-      const scalar_t* rows = keys + table[start / block_size] * block_size * row_len + kvh * D;
-      const int64_t count = std::min(block_size, cached - start);
-      if (start + block_size < cached)
-        prefetch_block<scalar_t, D>(
-            keys + table[start / block_size + 1] * block_size * row_len + kvh * D, row_len,
-            block_size);
-      for (int64_t p = 0; p < count; ++p) {
-        for (int64_t i = 0; i < kVecs; ++i) row[i] = load_float(rows + p * row_len + i * Vec::size());
-        score(row, start + p);
-      }
-    }
-    for (int64_t i = 0; i < kVecs; ++i) row[i] = Vec::loadu(k_new + kvh * D + i * Vec::size());
-    score(row, cached);
+    for_each_cached_row<scalar_t, D>(keys, table, cached, kvh, row_len, block_size, score);
+    Vec own[kVecs];
+    for (int64_t i = 0; i < kVecs; ++i) own[i] = Vec::loadu(k_new + kvh * D + i * Vec::size());
+    score(own, cached);
   }
 
   // Softmax over each head's n scores, normalised here so the V pass is pure multiply-adds.
@@ -115,21 +128,10 @@ void attend_one(const float* q, const float* k_new, const float* v_new, const sc
       }
     };
     std::fill(acc.begin(), acc.end(), Vec(0.0f));
-    Vec row[kVecs];
-    for (int64_t start = 0; start < cached; start += block_size) {
-      const scalar_t* rows = values + table[start / block_size] * block_size * row_len + kvh * D;
-      const int64_t count = std::min(block_size, cached - start);
-      if (start + block_size < cached)
-        prefetch_block<scalar_t, D>(
-            values + table[start / block_size + 1] * block_size * row_len + kvh * D, row_len,
-            block_size);
-      for (int64_t p = 0; p < count; ++p) {
-        for (int64_t i = 0; i < kVecs; ++i) row[i] = load_float(rows + p * row_len + i * Vec::size());
-        accumulate(row, start + p);
-      }
-    }
-    for (int64_t i = 0; i < kVecs; ++i) row[i] = Vec::loadu(v_new + kvh * D + i * Vec::size());
-    accumulate(row, cached);
+    for_each_cached_row<scalar_t, D>(values, table, cached, kvh, row_len, block_size, accumulate);
+    Vec own[kVecs];
+    for (int64_t i = 0; i < kVecs; ++i) own[i] = Vec::loadu(v_new + kvh * D + i * Vec::size());
+    accumulate(own, cached);
     for (int64_t g = 0; g < group; ++g) {
       float result[D];
       for (int64_t i = 0; i < kVecs; ++i) acc[g * kVecs + i].store(result + i * Vec::size());
