@@ -150,3 +150,21 @@ def test_small_batch_linear_takes_leading_dims_and_refuses_more_rows():
         cpu_kernels.small_batch_linear(torch.randn(1, 64), weight.bfloat16(), None)
     with pytest.raises(RuntimeError, match="bias: expected"):
         cpu_kernels.small_batch_linear(torch.randn(1, 64), weight, torch.randn(7))
+
+
+def test_without_a_build_the_engine_keeps_onednn_and_the_torch_attention(monkeypatch):
+    """A machine where the kernels cannot be built (no compiler) still serves, as before."""
+    from raycake.assets import default_model_dir
+    from raycake.engine.runner import ModelRunner
+    from raycake.model.cpu_prepack import PrepackedLinear, prepack_linears
+    from raycake.model.decode_graph import pick_attention
+    from raycake.model.loader import load_model
+
+    monkeypatch.setattr(cpu_kernels, "try_load", lambda: "the CPU kernels did not build: no g++")
+    model = load_model(default_model_dir())
+    assert prepack_linears(model, small_batch=True) == 17
+    assert not any(m.small_batch for m in model.modules() if isinstance(m, PrepackedLinear))
+    assert pick_attention(model, torch.float32) is decode_attention
+    assert ModelRunner(model, block_size=BLOCK, num_blocks=8).decode_kernel is False
+    monkeypatch.undo()
+    assert ModelRunner(model, block_size=BLOCK, num_blocks=8).decode_kernel is True
