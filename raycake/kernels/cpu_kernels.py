@@ -9,7 +9,7 @@ Two places where neither oneDNN nor inductor's generated loops serve a CPU decod
   layer for 32 bf16 decodes of ~200 tokens on a 2-core VM, about a fifth of the step. The
   kernel does the same arithmetic with ATen's SIMD types: per sequence and kv head, each
   cached row is loaded and converted to fp32 once and used by the G query heads that share
-  it, q and the accumulators stay in registers, the softmax is one vectorised pass, and the
+  it, the accumulators stay in registers, the softmax is one vectorised pass, and the
   next block is prefetched (blocks lie anywhere in the cache).
 - ``small_batch_linear``: ``x @ W.T + b`` for 1-4 rows. oneDNN's matmul costs 22-25 us a
   call at such shapes whatever their size (its per-call setup), most of a small model's

@@ -72,7 +72,7 @@ inline void for_each_cached_row(const scalar_t* base, const int64_t* table, int6
 // One sequence: every head's scores against every cached position, block by block, then a
 // softmax per head, then the probability-weighted sum of V, block by block. Each cached row
 // (one position of one kv head) is loaded and converted once per pass and used by the G query
-// heads that share it; q and the accumulators stay in registers (D is a compile-time constant).
+// heads that share it; the accumulators stay in registers (D is a compile-time constant).
 template <typename scalar_t, int64_t D>
 void attend_one(const float* q, const float* k_new, const float* v_new, const scalar_t* keys,
                 const scalar_t* values, const int64_t* table, int64_t n, int64_t heads,
