@@ -18,9 +18,15 @@ import pyarrow.parquet as pq
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def machine_label() -> str:
-    """The machine column of every result table: architecture and CPU count."""
-    return f"{platform.machine()} {os.cpu_count()} cpus"
+def machine_columns() -> dict[str, object]:
+    """The columns every engine result row ends with: torch's thread count and the machine
+    (architecture and CPU count)."""
+    import torch
+
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    }
 
 
 def held_out_prompts(tokenizer, num_prompts: int, prompt_tokens: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine_label, print_table, write_table
+from benchmarks.common import machine_columns, print_table, write_table
 from raycake.kernels import cpu_kernels
 from raycake.model.decode_graph import decode_attention
 
@@ -86,9 +86,7 @@ def run(dtype: torch.dtype, batch: int, context: int, repeats: int) -> dict:
         row[f"{name}_max_err"] = err
     row["inductor_over_kernel"] = row["inductor_us"] / row["kernel_us"]
     row["gather_sdpa_over_kernel"] = row["gather_sdpa_us"] / row["kernel_us"]
-    row["threads"] = torch.get_num_threads()
-    row["machine"] = machine_label()
-    return row
+    return row | machine_columns()
 
 
 def main() -> None:

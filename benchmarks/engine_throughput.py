@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.common import (
     held_out_prompts,
-    machine_label,
+    machine_columns,
     median_seconds,
     print_table,
     write_table,
@@ -97,8 +97,7 @@ def main() -> None:
                     "transformers_tok_s": tokens / t_hf,
                     "ratio": t_hf / t_rc,
                     "compile_decode": args.compile_decode,
-                    "torch_threads": torch.get_num_threads(),
-                    "machine": machine_label(),
+                    **machine_columns(),
                 }
             )
     print_table(rows, ["dtype", "concurrency", "raycake_tok_s", "transformers_tok_s", "ratio"])

@@ -177,7 +177,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from benchmarks.common import held_out_prompts, machine_label, print_table, write_table
+    from benchmarks.common import held_out_prompts, machine_columns, print_table, write_table
     from raycake import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -240,8 +240,7 @@ def run(args: argparse.Namespace) -> None:
                     "same_tokens": sum(a == b for a, b in zip(ours, vllm_tokens, strict=True)) / n,
                     "prompt_tokens": args.prompt_tokens,
                     "new_tokens": args.new_tokens,
-                    "threads": args.threads,
-                    "machine": machine_label(),
+                    **machine_columns(),  # threads: args.threads, set above
                 }
                 if args.vllm_eager:
                     row["vllm_eager_tok_s"] = tokens / best[True]

@@ -8,10 +8,10 @@ Each row is one (dtype, batch) run of the benchmark workload (held-out 128-token
 new tokens, greedy, EOS ignored, prefix caching off): ms per step for the scheduler, input
 preparation, the forward, sampling and the rest of the engine's step (detokenizing, stop
 checks, outputs), and within the forward the share of its operator time spent in matmuls,
-attention (context gathers, cache writes, SDPA), norms and other small ops. The timers wrap the
-engine's methods from outside (nothing in raycake changes to be measured), in one run; the
-operator split comes from a second run under the profiler. The phases add up to the step, the
-baseline they are shares of.
+attention (context gathers, cache writes, SDPA, raycake's attention kernel), norms and
+other small ops. The timers wrap the engine's methods from outside (nothing in raycake
+changes to be measured), in one run; the operator split comes from a second run under the
+profiler. The phases add up to the step, the baseline they are shares of.
 
 ``--compile-decode`` profiles the engine with its compiled decode graph: the forward phase is
 then the graph's call (and the K/V write after it); inside the graph norms and the small ops
@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import held_out_prompts, machine_label, print_table, write_table
+from benchmarks.common import held_out_prompts, machine_columns, print_table, write_table
 from raycake import LLM, SamplingParams
 from raycake.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
@@ -131,9 +131,7 @@ def profile_run(
     op_total = sum(ops.values())
     for name in (*FAMILIES, "other_ops"):
         row[f"{name}_share"] = ops[name] / op_total if op_total else 0.0
-    row["threads"] = torch.get_num_threads()
-    row["machine"] = machine_label()
-    return row
+    return row | machine_columns()
 
 
 def main() -> None:

@@ -123,7 +123,6 @@ class ModelRunner:
     ) -> None:
         config = model.config
         self.model = model
-
         self.block_size = block_size
         self.num_blocks = num_blocks
         param = next(model.parameters())
@@ -156,7 +155,6 @@ class ModelRunner:
             config.titans is None
             and cpu_kernels.attention_unsupported_reason(config.head_dim, self.dtype, self.device)
             is None
-            and cpu_kernels.try_load() is None
         )
         # Steps of decodes only run through this compiled graph when set (see ``decode_graph``).
         self.compiled_decode = compiled_decode
@@ -310,9 +308,8 @@ class ModelRunner:
             return None
         rids = list(out.num_scheduled_tokens)
         states = [self.requests[rid] for rid in rids]
-        if not all(
-            _is_decode(self.requests[rid], n) for rid, n in out.num_scheduled_tokens.items()
-        ):
+        scheduled = out.num_scheduled_tokens.values()
+        if not all(_is_decode(s, n) for s, n in zip(states, scheduled, strict=True)):
             return None
         bs = self.block_size
         counts = [-(-(s.num_computed_tokens + 1) // bs) for s in states]
@@ -356,7 +353,8 @@ class ModelRunner:
         start: int,
         end: int,
     ) -> DecodeGroup:
-        """Block tables and padding mask of decodes ``start:end`` (sorted by block count)."""
+        """Block tables of decodes ``start:end`` (sorted by block count), and their context
+        lengths for the attention kernel or else their padding mask for SDPA."""
         bs, device = self.block_size, self.device
         max_blocks = counts[end - 1]
         rows = []
@@ -364,8 +362,10 @@ class ModelRunner:
             row = decodes[i][1].block_ids[firsts[i] : firsts[i] + max_blocks]
             rows.append(row + [0] * (max_blocks - len(row)))
         tables = torch.tensor(rows, dtype=torch.long, device=device)  # [d, M]
-        context = torch.arange(max_blocks * bs, device=device)
         ends = torch.tensor(lengths[start:end], device=device)
+        if self.decode_kernel:
+            return DecodeGroup(start, end, tables, None, ends)
+        context = torch.arange(max_blocks * bs, device=device)
         if self.sliding_window is None:
             blocked = context[None, :] >= ends[:, None]  # [d, M * P] padding
         else:
@@ -373,8 +373,6 @@ class ModelRunner:
             key_pos = starts[:, None] + context[None, :]  # [d, M * P]
             blocked = (key_pos >= ends[:, None]) | (key_pos < ends[:, None] - self.sliding_window)
         mask = _additive_mask(blocked, self.dtype)[:, None, None, :]  # [d, 1, 1, M * P]
-        if self.decode_kernel:
-            return DecodeGroup(start, end, tables, mask, ends)
         return DecodeGroup(start, end, tables, mask)
 
     def _first_block(self, first_query: int) -> int:

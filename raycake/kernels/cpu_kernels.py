@@ -57,14 +57,15 @@ _CAPABILITY_FLAGS = {
 def attention_unsupported_reason(
     head_dim: int, cache_dtype: torch.dtype, device: torch.device
 ) -> str | None:
-    """Why ``paged_decode_attention`` cannot serve this model and cache (None: it can)."""
+    """Why ``paged_decode_attention`` cannot serve this model and cache (None: it can, and
+    the kernels are loaded now)."""
     if device.type != "cpu":
         return f"the kernel runs on CPU tensors, not {device.type}"
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} is not one of {HEAD_DIMS}"
     if cache_dtype not in CACHE_DTYPES:
         return f"KV cache dtype {cache_dtype} is not one of {CACHE_DTYPES}"
-    return None
+    return try_load()
 
 
 @functools.cache

@@ -30,9 +30,10 @@ class DecodeGroup:
     start: int
     end: int
     block_tables: torch.Tensor  # [d, M] each decode's blocks, padded with block 0
-    mask: torch.Tensor  # [d, 1, 1, M * P] additive: 0 in context, -inf for padding
-    # [d] each decode's context length, its own token included: set when raycake's CPU
-    # attention kernel serves the group (it reads only those positions; ``mask`` is unused).
+    # One of the two: [d, 1, 1, M * P] additive mask (0 in context, -inf for padding) for
+    # gather + SDPA; or [d] each decode's context length, its own token included, for raycake's
+    # CPU attention kernel, which reads only those positions.
+    mask: torch.Tensor | None
     context_lens: torch.Tensor | None = None
 
 
@@ -180,7 +181,7 @@ def paged_attention(
     out = torch.empty_like(q)
 
     for group in meta.decode_groups:
-        if group.context_lens is not None and sinks is None:
+        if group.context_lens is not None:
             # The kernel reads the context where it lies; this step's K/V, just written to
             # the cache, also come as its own rows (in fp32, as the kernel computes).
             rows = slice(group.start, group.end)
@@ -195,6 +196,7 @@ def paged_attention(
                 scale,
             )
             continue
+        assert group.mask is not None, "a decode group gathered for SDPA needs its mask"
         num_decodes = group.end - group.start
         context = group.block_tables.shape[1] * meta.block_size
         # The G query heads that share a kv head become G "query positions" of that head, so

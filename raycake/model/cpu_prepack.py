@@ -32,8 +32,7 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 SMALL_BATCH_MAX_WEIGHT = 256 * 1024
 
 
-@torch.library.custom_op("raycake::prepacked_linear", mutates_args=())
-def prepacked_linear(
+def packed_linear(
     x: torch.Tensor,
     packed_weight: torch.Tensor,
     weight: torch.Tensor,
@@ -47,14 +46,14 @@ def prepacked_linear(
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
+# The same call as an opaque op for torch.compile (eager calls skip the op's dispatch cost).
+prepacked_linear = torch.library.custom_op("raycake::prepacked_linear", mutates_args=())(
+    packed_linear
+)
+
+
 @prepacked_linear.register_fake
-def _prepacked_linear_shape(
-    x: torch.Tensor,
-    packed_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    small_batch: bool,
-) -> torch.Tensor:
+def _prepacked_linear_shape(x, packed_weight, weight, bias, small_batch):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -91,12 +90,8 @@ class PrepackedLinear(nn.Module):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)  # training: the packed op has no autograd
         bias = None if self.bias is None else self.bias.detach()
-        if torch.compiler.is_compiling():
-            weight = self.weight.detach()
-            return prepacked_linear(x, self.packed_weight, weight, bias, self.small_batch)
-        if self.small_batch and x.numel() <= cpu_kernels.SMALL_BATCH_MAX_ROWS * self.in_features:
-            return cpu_kernels.small_batch_linear(x, self.weight.detach(), bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        linear = prepacked_linear if torch.compiler.is_compiling() else packed_linear
+        return linear(x, self.packed_weight, self.weight.detach(), bias, self.small_batch)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked"

@@ -105,9 +105,7 @@ def pick_attention(
     head_dim = model.model.layers[0].self_attn.head_dim
     reason = cpu_kernels.attention_unsupported_reason(head_dim, cache_dtype, device)
     if reason is None:
-        reason = cpu_kernels.try_load()
-        if reason is None:
-            return cpu_kernels.paged_decode_attention
+        return cpu_kernels.paged_decode_attention
     if device.type == "cpu":
         logger.warning("compile_decode: CPU attention kernel not used (%s)", reason)
     return decode_attention
@@ -162,10 +160,9 @@ class CompiledDecode:
     """``decode_forward`` compiled once with dynamic batch and context sizes.
 
     ``warm_up`` picks the attention (the CPU kernel where it serves) and compiles it (the
-    runner calls it when it is built): tens of seconds on a small
-    CPU; inductor caches the result on disk for later processes. Steps with fewer than
-    ``MIN_ROWS`` decodes or ``MIN_BLOCKS`` blocks are padded up to them, so one graph serves
-    every step.
+    runner calls it when it is built): tens of seconds on a small CPU; inductor caches the
+    result on disk for later processes. Steps with fewer than ``MIN_ROWS`` decodes or
+    ``MIN_BLOCKS`` blocks are padded up to them, so one graph serves every step.
     """
 
     def __init__(self, model: LlamaForCausalLM, block_size: int) -> None:

@@ -14,4 +14,4 @@ def test_three_ways_agree_and_are_timed():
     for name in ("kernel", "inductor", "gather_sdpa"):
         assert row[f"{name}_max_err"] < 1e-5
         assert row[f"{name}_us"] > 0
-    assert row["inductor_over_kernel"] == row["inductor_us"] / row["kernel_us"]
+    assert (row["dtype"], row["batch"], row["context"]) == ("float32", 3, 40)

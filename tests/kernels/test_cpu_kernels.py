@@ -97,6 +97,8 @@ def test_bad_inputs_fail_with_the_field_named():
         op(q, k, v, cache, tables, torch.tensor([0, 9]), BLOCK, 0.125)
     with pytest.raises(RuntimeError, match="q, k, v: expected float32"):
         op(q.bfloat16(), k, v, cache, tables, lens, BLOCK, 0.125)
+    with pytest.raises(RuntimeError, match=r"k, v: expected \[B, K, D\] each"):
+        op(q, k[:1], v[:1], cache, tables, lens, BLOCK, 0.125)
     q80, k80, v80, cache80, tables80, lens80 = make_inputs([3], 2, 2, 80, torch.float32)
     with pytest.raises(RuntimeError, match="head_dim: expected 64, 128 or 256, got 80"):
         op(q80, k80, v80, cache80, tables80, lens80, BLOCK, 0.125)

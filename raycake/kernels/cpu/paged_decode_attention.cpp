@@ -7,30 +7,17 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <vector>
+
+#include "load_float.h"
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
-inline Vec load_float(const float* p) { return Vec::loadu(p); }
-inline Vec load_float(const at::BFloat16* p) {
-  Vec out;
-  at::vec::load_fp32_from_bf16(p, out);
-  return out;
-}
-inline Vec load_float(const at::Half* p) {
-  Vec out;
-  at::vec::load_fp32_from_fp16(p, out);
-  return out;
-}
+using raycake_cpu::load_float;
+using raycake_cpu::Vec;
 
 // Ask for the next block's rows of one kv head (P rows of D values, ``row_len`` apart) while
 // this block is computed: blocks lie anywhere in the cache, which the hardware prefetcher
@@ -77,7 +64,7 @@ template <typename scalar_t, int64_t D>
 void attend_one(const float* q, const float* k_new, const float* v_new, const scalar_t* keys,
                 const scalar_t* values, const int64_t* table, int64_t n, int64_t heads,
                 int64_t kv_heads, int64_t block_size, int64_t num_blocks, float scale,
-                float* scores, scalar_t* out) {
+                float* scores, Vec* acc, scalar_t* out) {
   constexpr int64_t kVecs = D / Vec::size();
   const int64_t group = heads / kv_heads;
   const int64_t row_len = kv_heads * D;
@@ -95,10 +82,10 @@ void attend_one(const float* q, const float* k_new, const float* v_new, const sc
     auto score = [&](const Vec* row, int64_t pos) {
       for (int64_t g = 0; g < group; ++g) {
         const float* qh = q + (first + g) * D;
-        Vec acc = Vec::loadu(qh) * row[0];
+        Vec dot = Vec::loadu(qh) * row[0];
         for (int64_t i = 1; i < kVecs; ++i)
-          acc = at::vec::fmadd(Vec::loadu(qh + i * Vec::size()), row[i], acc);
-        scores[(first + g) * n + pos] = at::vec::vec_reduce_all<float>(sum, acc) * scale;
+          dot = at::vec::fmadd(Vec::loadu(qh + i * Vec::size()), row[i], dot);
+        scores[(first + g) * n + pos] = at::vec::vec_reduce_all<float>(sum, dot) * scale;
       }
     };
     for_each_cached_row<scalar_t, D>(keys, table, cached, kvh, row_len, block_size, score);
@@ -117,7 +104,6 @@ void attend_one(const float* q, const float* k_new, const float* v_new, const sc
     at::vec::map([inv](Vec x) { return x * Vec(inv); }, s, s, n);
   }
 
-  std::vector<Vec> acc(group * kVecs);
   for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
     const int64_t first = kvh * group;
     auto accumulate = [&](const Vec* row, int64_t pos) {
@@ -127,7 +113,7 @@ void attend_one(const float* q, const float* k_new, const float* v_new, const sc
           acc[g * kVecs + i] = at::vec::fmadd(weight, row[i], acc[g * kVecs + i]);
       }
     };
-    std::fill(acc.begin(), acc.end(), Vec(0.0f));
+    std::fill(acc, acc + group * kVecs, Vec(0.0f));
     for_each_cached_row<scalar_t, D>(values, table, cached, kvh, row_len, block_size, accumulate);
     Vec own[kVecs];
     for (int64_t i = 0; i < kVecs; ++i) own[i] = Vec::loadu(v_new + kvh * D + i * Vec::size());
@@ -161,14 +147,16 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // Per thread: every head's scores for the longest context, and G x D accumulators.
     std::vector<float> scores(heads * max_len);
+    std::vector<Vec> acc(heads / kv_heads * D / Vec::size());
     for (int64_t b = begin; b < end; ++b) {
       TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_len, "context_lens: expected 1 to ", max_len,
                   " (the block table's positions + 1), got ", lens[b]);
       attend_one<scalar_t, D>(qp + b * q_stride, kp + b * k_stride, vp + b * v_stride,
                               keys, values, tables + b * max_blocks, lens[b], heads, kv_heads,
                               block_size, num_blocks, static_cast<float>(scale), scores.data(),
-                              op + b * heads * D);
+                              acc.data(), op + b * heads * D);
     }
   });
 }
@@ -207,7 +195,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
               "block_tables, context_lens: expected int64");
   const int64_t rows = q.size(0), heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == rows && k.size(2) == head_dim,
+              "k, v: expected [B, K, D] each, B and D as q's");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads: expected a multiple of kv heads");
+  TORCH_CHECK(block_tables.dim() == 2 && context_lens.dim() == 1,
+              "block_tables, context_lens: expected [B, M] and [B]");
   TORCH_CHECK(kv_cache.size(2) == kv_heads && kv_cache.size(3) == head_dim,
               "kv_cache: expected [2, slots, ", kv_heads, ", ", head_dim, "]");
   TORCH_CHECK(block_tables.size(0) == rows && context_lens.size(0) == rows,

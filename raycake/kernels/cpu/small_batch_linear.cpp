@@ -8,25 +8,19 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "load_float.h"
+
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using raycake_cpu::load_float;
+using raycake_cpu::Vec;
 
 constexpr int64_t kMaxRows = 4;  // rows of x this kernel takes (more: use oneDNN)
 constexpr int64_t kOutBlock = 4;  // weight rows computed together (x loaded once for them)
-
-inline Vec load_float(const float* p) { return Vec::loadu(p); }
-inline Vec load_float(const at::BFloat16* p) {
-  Vec out;
-  at::vec::load_fp32_from_bf16(p, out);
-  return out;
-}
 
 // Outputs [first, first + kBlock) for every row: kBlock x rows accumulators in registers.
 template <typename scalar_t, int64_t kBlock>
